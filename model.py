@@ -1,0 +1,621 @@
+"""
+Qwen2-VL from scratch: the vision tower (ViT with 2-D RoPE and a 2x2 patch merger), the Qwen2 language model with
+M-RoPE and a preallocated KV cache, M-RoPE position ids, and loading/saving of Hub checkpoints.
+Module names equal the Hub checkpoint keys, so loading is a near-identity copy.
+Facts and formulas: ../shared/reference/qwen2vl.md (section numbers below refer to it).
+
+Shape legend: B batch, T new tokens, S keys (cached + new), C LLM width, nh / nkv query / key-value heads,
+hs head size, Np image patches (rows of pixel_values), D vision width, V vocabulary.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class VisionConfig:  # defaults: Qwen2-VL-2B-Instruct's ViT (identical for 7B except hidden_size)
+    depth: int = 32
+    embed_dim: int = 1280
+    num_heads: int = 16
+    mlp_ratio: int = 4
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_size: int = 1536  # merger output = LLM width
+    rope_theta: float = 10000.0  # the ViT's RoPE base, not the LLM's 1e6
+
+    def __post_init__(self):
+        assert self.embed_dim % self.num_heads == 0
+        assert (self.embed_dim // self.num_heads) % 4 == 0, "2-D RoPE splits the head into h and w halves of cos/sin pairs"
+
+    @property
+    def patch_dim(self):  # length of one pixel_values row: (c, t, py, px)
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+@dataclass
+class QwenConfig:  # defaults: Qwen2-VL-2B-Instruct (../shared/reference/qwen2vl_2b_instruct.json)
+    vocab_size: int = 151936  # embedding rows; the tokenizer has 151657 tokens, the rest are spare rows
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: tuple = (16, 24, 24)  # (t, h, w) frequency pairs per head, sum = head_dim // 2
+    tie_word_embeddings: bool = True  # 2B ties lm_head to embed_tokens, 7B does not
+    max_position_embeddings: int = 32768
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_id: int = 151645
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        self.mrope_section = tuple(self.mrope_section)
+        assert self.hidden_size % self.num_attention_heads == 0
+        assert self.num_attention_heads % self.num_key_value_heads == 0
+        assert sum(self.mrope_section) == self.head_dim // 2, "mrope_section must cover every frequency of a head"
+        assert self.vision.hidden_size == self.hidden_size, "the patch merger must output the LLM width"
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d):
+        """Reads a Hub config.json dict: the flat pre-v5 layout or the nested text_config one transformers 5 writes."""
+        text = d.get("text_config") or d  # nested (v5) or flat (Hub)
+        rope = text.get("rope_parameters") or d.get("rope_scaling") or {}
+        try:
+            kw = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads")}
+            kw["mrope_section"] = tuple(rope["mrope_section"])
+        except KeyError as e:
+            raise KeyError(f"config.json lacks {e.args[0]!r}, which a Qwen2-VL text config must set") from None
+        kw["rms_norm_eps"] = text.get("rms_norm_eps", 1e-6)
+        kw["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", d.get("rope_theta", 1e6)))
+        kw["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        kw["max_position_embeddings"] = text.get("max_position_embeddings", 32768)
+        for k in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if k in d:
+                kw[k] = d[k]
+        eos = d.get("eos_token_id", text.get("eos_token_id", 151645))
+        kw["eos_token_id"] = eos[0] if isinstance(eos, list) else eos
+        v = d.get("vision_config", {})
+        vrope = v.get("rope_parameters", {})
+        kw["vision"] = VisionConfig(
+            depth=v.get("depth", 32), embed_dim=v.get("embed_dim", 1280), num_heads=v.get("num_heads", 16),
+            mlp_ratio=v.get("mlp_ratio", 4), in_channels=v.get("in_channels", v.get("in_chans", 3)),
+            patch_size=v.get("patch_size", 14), temporal_patch_size=v.get("temporal_patch_size", 2),
+            spatial_merge_size=v.get("spatial_merge_size", 2),
+            hidden_size=v.get("hidden_size", 3584),  # transformers' class default, which the 7B Hub config relies on
+            rope_theta=vrope.get("rope_theta", 10000.0))
+        return cls(**kw)
+
+    def to_hf(self):
+        """The flat Hub layout (what Qwen/Qwen2-VL-*-Instruct ship), readable by from_hf and by transformers."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("vision", "mrope_section", "rope_theta")}
+        d.update(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", hidden_act="silu",
+                 rope_theta=self.rope_theta, rope_scaling={"type": "mrope", "mrope_section": list(self.mrope_section)},
+                 vision_config={f.name: getattr(self.vision, f.name) for f in fields(self.vision) if f.name != "rope_theta"})
+        return d
+
+
+PRESETS = {
+    "qwen2-vl-2b": dict(),
+    "qwen2-vl-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                        num_key_value_heads=4, tie_word_embeddings=False, vision=dict(hidden_size=3584)),
+    # CPU-sized model for tests and quick starts: same wiring, ~1M parameters
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, mrope_section=(2, 3, 3),
+                 vision=dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64)),
+}
+
+# -----------------------------------------------------------------------------
+# rotary embeddings
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # rotation in fp32, cast back: mirrors apply_rotary_pos_emb(_vision) (section 3.3, 3.7)
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+def inv_freq(dim, theta, device):
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+
+
+def mrope_cos_sin(position_ids, head_dim, theta, section):
+    """M-RoPE (section 3.6): frequency chunks of sizes `section` cycle through the t, h, w position axes."""
+    freqs = position_ids[..., None].float() * inv_freq(head_dim, theta, position_ids.device)  # (3, B, T, hs/2)
+    chunks = freqs.split(list(section), dim=-1)
+    freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
+    return emb.cos(), emb.sin()
+
+
+def vision_positions(grid_thw, merge):
+    """(h, w) of every patch in the merge-block-major row order of pixel_values (section 3.1 step 6, 3.3)."""
+    pos = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h)[:, None].expand(h, w)
+        wpos = torch.arange(w)[None, :].expand(h, w)
+        hw = torch.stack([hpos, wpos], dim=-1)  # (h, w, 2)
+        hw = hw.reshape(h // merge, merge, w // merge, merge, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)  # (h*w, 2)
+        pos.append(hw.repeat(t, 1))
+    return torch.cat(pos)  # (Np, 2)
+
+
+# -----------------------------------------------------------------------------
+# vision tower (section 3.3)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)
+
+    def forward(self, x):
+        # a Conv3d whose kernel covers the whole patch is a matmul with the flattened kernel
+        w = self.proj.weight.view(self.cfg.embed_dim, -1)  # (D, 1176)
+        return x.to(w.dtype) @ w.t()  # (Np, D)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh = cfg.num_heads
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x, cos, sin, seqlens):
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.nh, D // self.nh).permute(1, 2, 0, 3).unbind(0)  # 3 x (nh, Np, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # each image attends only to itself (block-diagonal, cu_seqlens in the reference): one SDPA call per image
+        y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in
+                       zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))], dim=1)  # (nh, Np, hs)
+        return self.proj(y.transpose(0, 1).reshape(N, D))
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.embed_dim * cfg.mlp_ratio)
+        self.fc2 = nn.Linear(cfg.embed_dim * cfg.mlp_ratio, cfg.embed_dim)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU, as CLIP's ViT
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = VisionMlp(cfg)
+
+    def forward(self, x, cos, sin, seqlens):
+        x = x + self.attn(self.norm1(x), cos, sin, seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.width = cfg.embed_dim * cfg.spatial_merge_size ** 2
+        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(), nn.Linear(self.width, cfg.hidden_size))
+
+    def forward(self, x):
+        # rows come in 2x2-block-major order, so 4 consecutive rows are one merged token
+        return self.mlp(self.ln_q(x).view(-1, self.width))  # (Np/4, C)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, pixel_values, grid_thw):
+        """(Np, 1176) patches of one or more images -> (Np/4, C) image tokens for the LLM."""
+        cfg = self.cfg
+        x = self.patch_embed(pixel_values)
+        hs = cfg.embed_dim // cfg.num_heads
+        pos = vision_positions(grid_thw, cfg.spatial_merge_size).to(x.device)  # (Np, 2)
+        freqs = pos[..., None].float() * inv_freq(hs // 2, cfg.rope_theta, x.device)  # (Np, 2, hs/4)
+        freqs = freqs.flatten(1)  # (Np, hs/2): h frequencies then w frequencies
+        emb = torch.cat((freqs, freqs), dim=-1)  # (Np, hs)
+        cos, sin = emb.cos()[None], emb.sin()[None]  # (1, Np, hs) broadcast over heads
+        seqlens = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()  # one entry per frame
+        for block in self.blocks:
+            x = block(x, cos, sin, seqlens)
+        return self.merger(x)
+
+
+# -----------------------------------------------------------------------------
+# language model (section 3.6)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: k, v (n_layer, B, nkv, max_len, hs). `pos` slots are filled;
+    all rows share it (batches are left-padded), and the padding mask tells which slots are real."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        T = k.size(2)
+        assert self.pos + T <= self.k.size(3), f"KV cache full: {self.pos}+{T} > {self.k.size(3)}"
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, S, hs)
+
+    def advance(self, T):
+        self.pos += T
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hs)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs)
+        self.o_proj = nn.Linear(self.nh * self.hs, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        # cos/sin are cast to the activation dtype before the rotation (section 3.7)
+        q = q * cos.to(q.dtype) + rotate_half(q) * sin.to(q.dtype)
+        k = k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    """The decoder-only LLM; Hub prefix `model.`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.checkpointing = False  # activation checkpointing per layer, set by train.py
+
+    def forward(self, x, position_ids, mask=None, kv_cache=None):
+        """(B, T, C) input embeddings at M-RoPE positions (3, B, T) -> (B, T, C) final-normed hidden states.
+        mask: bool (B, 1, T, S), True = may attend; None = plain causal over the new tokens (and all cached ones)."""
+        cfg = self.cfg
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        for layer in self.layers:
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(x.size(1))
+        return self.norm(x)
+
+
+def causal_mask(padding_mask, T, start=0):
+    """Causal mask for T new tokens at slots start..start+T-1 over S = start+T keys, with padded keys hidden.
+    padding_mask: (B, S) 1 = real token. Each query also sees itself, so a padded row stays finite (it is
+    ignored anyway). Returns bool (B, 1, T, S)."""
+    S = padding_mask.size(1)
+    qpos = torch.arange(start, start + T, device=padding_mask.device)[:, None]  # (T, 1)
+    kpos = torch.arange(S, device=padding_mask.device)[None, :]  # (1, S)
+    causal = kpos <= qpos  # (T, S)
+    return (causal & padding_mask.bool()[:, None, None, :]) | (kpos == qpos)
+
+
+# -----------------------------------------------------------------------------
+# M-RoPE positions (section 3.5)
+
+
+def get_rope_index(input_ids, image_grid_thw, padding_mask=None, image_token_id=151655, merge=2):
+    """Mirrors Qwen2VLModel.get_rope_index: text runs advance all three axes by one per token; a run of image
+    tokens gets (t, h, w) = start + grid index and then advances by max(h, w) / merge. Padded slots get 0.
+    Returns position_ids (3, B, T) and rope_delta (B, 1) = max position + 1 - real length: decode step n of a
+    row (0-based, after its real prompt of length L) sits at L + n + rope_delta on all three axes."""
+    B, T = input_ids.shape
+    if padding_mask is None:
+        padding_mask = torch.ones_like(input_ids)
+    position_ids = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
+    deltas = []
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    for b in range(B):
+        real = padding_mask[b].bool()
+        ids = input_ids[b][real].tolist()
+        pos, cur, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] == image_token_id:
+                t, h, w = next(grids)
+                h, w = h // merge, w // merge
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                pos.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)  # (3, t*h*w)
+                i += t * h * w
+                cur += max(h, w)
+            else:
+                j = i
+                while j < len(ids) and ids[j] != image_token_id:
+                    j += 1
+                pos.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                cur += j - i
+                i = j
+        pos = torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)
+        position_ids[:, b, real] = pos.to(input_ids.device)
+        deltas.append((pos.max() + 1 if pos.numel() else 0) - len(ids))
+    return position_ids, torch.tensor(deltas, device=input_ids.device).view(B, 1)
+
+
+def decode_positions(padding_mask, rope_delta, T=1):
+    """M-RoPE ids (3, B, T) of the next T tokens: real length so far + rope_delta (section 3.6 step 5)."""
+    start = padding_mask.sum(1, keepdim=True) + rope_delta  # (B, 1)
+    pos = start + torch.arange(T, device=padding_mask.device)[None]  # (B, T)
+    return pos[None].expand(3, -1, -1)
+
+
+# -----------------------------------------------------------------------------
+# the full vision-language model
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen2(cfg)
+        self.visual = VisionTransformer(cfg.vision)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with the image features written over the <|image_pad|> slots, in order (section 3.4)."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if pixel_values is not None:
+            feats = self.visual(pixel_values, image_grid_thw).to(x.dtype)  # (sum Np/4, C)
+            slots = input_ids == self.cfg.image_token_id
+            if int(slots.sum()) != feats.size(0):
+                raise ValueError(f"{int(slots.sum())} <|image_pad|> tokens but {feats.size(0)} image features")
+            x = x.masked_scatter(slots[..., None], feats)
+        return x
+
+    def forward(self, input_ids, position_ids, pixel_values=None, image_grid_thw=None, targets=None, mask=None,
+                kv_cache=None):
+        """-> (logits, loss). targets (B, T): the token each position must predict (already shifted), -100 = none.
+        With targets, logits are computed only at the supervised positions (N, V): the full (B, T, V) tensor of a
+        150k vocabulary is the largest activation in training. Without targets, logits are (B, T, V)."""
+        h = self.model(self.embed(input_ids, pixel_values, image_grid_thw), position_ids, mask, kv_cache)
+        return self.head(h, targets)
+
+    def head(self, h, targets=None):
+        if targets is None:
+            return self.lm_head(h), None
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(h[keep])  # (N, V)
+        loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else logits.sum() * 0.0
+        return logits, loss
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k best; top_p keeps the smallest
+    set whose probability reaches p (always at least the best token)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids, padding_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=64,
+             temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+    """Prefill once, then decode one token a step from the KV cache; yields (B,) ids until every row has produced
+    a stop id or max_new_tokens. Batches are left-padded (padding_mask (B, T), 1 = real token)."""
+    cfg = model.cfg
+    B, T = input_ids.shape
+    if padding_mask is None:
+        padding_mask = torch.ones_like(input_ids)
+    pos, rope_delta = get_rope_index(input_ids, image_grid_thw, padding_mask, cfg.image_token_id,
+                                     cfg.vision.spatial_merge_size)
+    padded = bool((padding_mask == 0).any())
+    cache = KVCache(cfg, B, T + max_new_tokens, input_ids.device, model.lm_head.weight.dtype)
+    mask = causal_mask(padding_mask, T) if padded else None
+    h = model.model(model.embed(input_ids, pixel_values, image_grid_thw), pos, mask, cache)
+    logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed to sample
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        yield nxt
+        done |= torch.isin(nxt, stop)
+        if done.all():
+            return
+        pos = decode_positions(padding_mask, rope_delta)  # (3, B, 1)
+        padding_mask = torch.cat([padding_mask, torch.ones_like(padding_mask[:, :1])], dim=1)
+        mask = causal_mask(padding_mask, 1, start=cache.pos) if padded else None
+        h = model.model(model.model.embed_tokens(nxt[:, None]), pos, mask, cache)
+        logits = model.lm_head(h[:, -1])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: Hub layout in, Hub layout out
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]  # configs, weights, tokenizer, preprocessor
+
+
+def resolve_dir(path_or_id, patterns=HUB_PATTERNS):
+    """A local directory as is, or a Hub repo id downloaded (config, weights, tokenizer files only)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path_or_id, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, no permission: one sentence, not a stack of retries
+        raise OSError(f"'{path_or_id}' is not a local directory and could not be fetched from the Hugging Face Hub "
+                      f"({type(e).__name__}); check the path, or the repo id and your network.") from None
+
+
+def read_safetensors(dirpath):
+    """All tensors of a (possibly sharded) safetensors checkpoint, memory-mapped: {key: tensor}."""
+    from safetensors.torch import load_file
+    index = os.path.join(dirpath, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(dirpath) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {dirpath}")
+    sd = {}
+    for name in files:
+        sd.update(load_file(os.path.join(dirpath, name)))
+    return sd
+
+
+# transformers >= 5 can keep its in-memory prefixes in a checkpoint; map them back to the Hub names
+KEY_RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def load_state_dict_strict(model, sd, dtype, device):
+    """Moves every checkpoint tensor into `model` (built on the meta device), in `dtype` on `device`.
+    Raises, naming the keys, if any parameter is missing, any key is unexpected or any shape differs.
+    A tied parameter is listed once, under its first name (embed_tokens, not lm_head)."""
+    params = dict(model.named_parameters())
+    unexpected = sorted(set(sd) - set(params))
+    missing = sorted(set(params) - set(sd))
+    bad = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(params[k].shape)}"
+                 for k in set(params) & set(sd) if sd[k].shape != params[k].shape)
+    if missing or unexpected or bad:
+        raise KeyError("checkpoint does not match the model:" + "".join(
+            f"\n  {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)) if keys))
+    for k, p in params.items():
+        mod_name, _, p_name = k.rpartition(".")
+        t = sd.pop(k).to(device=device, dtype=dtype)  # the converted tensor replaces the meta one; the source can go
+        setattr(model.get_submodule(mod_name), p_name, nn.Parameter(t, requires_grad=p.requires_grad))
+
+
+def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
+    """Qwen2-VL from a local directory or a Hub id (e.g. Qwen/Qwen2-VL-2B-Instruct). Built on the meta device and
+    filled tensor by tensor, so peak memory stays near one copy of the weights."""
+    path = resolve_dir(path_or_id)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = QwenConfig.from_hf(json.load(f))
+    with torch.device("meta"):
+        model = Qwen2VL(cfg)
+    sd = {_rename(k): v for k, v in read_safetensors(path).items()}
+    load_state_dict_strict(model, sd, dtype, device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # re-tie: loading replaced the embedding Parameter
+    return model.eval()
+
+
+def _rename(key):
+    for old, new in KEY_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def save_pretrained(model, path, cfg_dict):
+    """Weights as model.safetensors (Hub key names; a tied lm_head is not written) and config.json, each written
+    to a temporary name first and renamed, so a crash never leaves a half-written file under the real name."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(sd, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    tmp = os.path.join(path, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg_dict, f, indent=2)
+    os.replace(tmp, os.path.join(path, "config.json"))
