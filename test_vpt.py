@@ -6,12 +6,22 @@ which fails the suite (it must never be skipped).
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import transformers  # the parity oracle: a hard requirement of the test suite
+from PIL import Image, ImageOps
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+import data
 import model as M
+from data import (IGNORE_INDEX, ImageConfig, Tokenizer, encode_chat, load_image, process_image, process_images,
+                  render_chat, smart_resize)
+
+# -----------------------------------------------------------------------------
+# model.py: Qwen2-VL against transformers
 
 # ids of the tiny test vocabulary: the Qwen specials sit at the top of a 512-row embedding
 VOCAB, VS, VE, IMG = 512, 509, 510, 511
@@ -230,3 +240,358 @@ def test_config_presets_parse_the_reference_configs():
         n2b = sum(p.numel() for p in M.Qwen2VL(M.QwenConfig()).parameters())
         n7b = sum(p.numel() for p in M.Qwen2VL(M.QwenConfig(**M.PRESETS["qwen2-vl-7b"])).parameters())
     assert (n2b, n7b) == (2_208_985_600, 8_291_375_616), "parameter counts of the reference (section 1)"
+
+
+# -----------------------------------------------------------------------------
+# data.py: images, tokenizer, chat template
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# transformers/models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+CORPUS = ["You are a helpful assistant.", "Describe this image.", "The cat sits on the red mat, next to 3 dogs.",
+          "What is in the picture? A small boat on a lake.", "Where is the dog? It is in the top left corner.",
+          "How many people are there?\nThere are 12 people."]
+
+
+def make_tiny_tokenizer(dirpath):
+    """A ~400-token byte-level BPE with the Qwen2 pre-tokenizer and Qwen specials -> dirpath/tokenizer.json."""
+    tk = HFTokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer)
+    tk.add_special_tokens(QWEN_SPECIALS)
+    path = str(dirpath / "tokenizer.json")
+    tk.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def hf_processor(**kw):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil(**{"min_pixels": 3136, "max_pixels": 12845056, **kw})  # Hub values
+
+
+# -----------------------------------------------------------------------------
+# images
+
+def _rgb(h, w, seed=0):
+    """Smooth gradients plus noise, so resizing has real structure to get right."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([255 * yy / max(h - 1, 1), 255 * xx / max(w - 1, 1), 128 + 0 * xx], -1)
+    return np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _case(name):
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(_rgb(60, 80))
+    rgba = Image.fromarray(np.dstack([_rgb(60, 80), rng.integers(0, 256, (60, 80), dtype=np.uint8)]))
+    p_transparent = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    p_transparent.info["transparency"] = 3
+    return {
+        "tiny_20x30": lambda: Image.fromarray(_rgb(20, 30)),
+        "huge_3000x2000": lambda: Image.fromarray(_rgb(3000, 2000)),
+        "extreme_1500x10": lambda: Image.fromarray(_rgb(1500, 10)),
+        "rgba": lambda: rgba,
+        "L": lambda: rgb.convert("L"),
+        "P": lambda: rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32),
+        "P_transparency": lambda: p_transparent,
+        "LA": lambda: rgba.convert("LA"),
+        "I;16": lambda: Image.fromarray(rng.integers(0, 400, (45, 70)).astype(np.uint16)),  # >255 clips to white
+        "I": lambda: Image.fromarray(rng.integers(-50, 400, (45, 70)).astype(np.int32)),
+        "F": lambda: Image.fromarray((rng.random((45, 70)) * 300).astype(np.float32)),
+        "CMYK": lambda: rgb.convert("CMYK"),
+        "1": lambda: rgb.convert("1"),
+    }[name]()
+
+
+IMAGE_CASES = ["tiny_20x30", "huge_3000x2000", "extreme_1500x10", "rgba", "L", "P", "P_transparency", "LA", "I;16",
+               "I", "F", "CMYK", "1"]
+
+
+def _compare(ours, theirs, name):
+    (pv, grid), out = ours, theirs
+    diff = (pv - torch.from_numpy(out["pixel_values"])).abs().max().item()
+    print(f"\n[pixel parity] {name}: pixel_values {tuple(pv.shape)} max|diff| = {diff}")
+    assert pv.dtype == torch.float32 and grid.dtype == torch.int64
+    assert pv.shape == out["pixel_values"].shape, f"{name}: {pv.shape} vs {out['pixel_values'].shape}"
+    assert diff <= 1e-6, f"{name}: max|diff| {diff}"
+    assert torch.equal(grid.reshape(-1, 3), torch.from_numpy(out["image_grid_thw"])), name
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return hf_processor()
+
+
+@pytest.mark.parametrize("name", IMAGE_CASES)
+def test_process_image_matches_hf(name, oracle):
+    img = _case(name)
+    _compare(process_image(img, ImageConfig()), oracle(img, return_tensors="np"), name)
+
+
+def test_process_image_downscale_matches_hf():
+    # exercises smart_resize's max_pixels branch without a 12.8 MP tensor
+    img = _case("huge_3000x2000")
+    _compare(process_image(img, ImageConfig(max_pixels=200_000)), hf_processor(max_pixels=200_000)(img), "down")
+
+
+def test_exif_rotated_jpeg(tmp_path, oracle):
+    path = tmp_path / "rot.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    Image.fromarray(_rgb(40, 90)).save(path, exif=exif)
+    with Image.open(path) as im:
+        upright = ImageOps.exif_transpose(im)
+    assert load_image(path).size == (40, 90) == upright.size
+    _compare(process_image(path, ImageConfig()), oracle(upright), "exif_jpeg")
+    _compare(process_image(str(path), ImageConfig()), oracle(upright), "exif_jpeg_str")
+
+
+def test_process_images_concatenates(oracle):
+    imgs = [_case("tiny_20x30"), _case("rgba"), _case("extreme_1500x10")]
+    pv, grid = process_images(imgs, ImageConfig())
+    out = oracle(imgs)
+    assert torch.equal(pv, torch.from_numpy(out["pixel_values"]))
+    assert torch.equal(grid, torch.from_numpy(out["image_grid_thw"]))
+    assert grid.shape == (3, 3) and pv.shape[0] == grid.prod(-1).sum()
+    assert process_images([], ImageConfig()) == (None, None)
+
+
+@pytest.mark.parametrize("hw, grid", [((70, 100), (4, 8)), ((20, 30), (4, 6)), ((5000, 3000), (330, 198)),
+                                      ((1080, 1920), (78, 138)), ((1500, 10), (50, 2))])
+def test_smart_resize(hw, grid):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+    h, w = smart_resize(*hw)
+    assert (h // 14, w // 14) == grid and (h, w) == hf_smart_resize(*hw, min_pixels=3136, max_pixels=12845056)
+
+
+def test_smart_resize_aspect_ratio():
+    with pytest.raises(ValueError, match="2010x10"):
+        smart_resize(2010, 10)
+    smart_resize(2000, 10)  # exactly 200 is allowed
+
+
+def test_load_image_errors(tmp_path):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(missing)
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"this is not an image" * 10)
+    with pytest.raises(ValueError, match="x.png"):
+        load_image(bad)
+    truncated = tmp_path / "t.png"
+    Image.fromarray(_rgb(50, 50)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match="t.png"):
+        load_image(truncated)
+
+
+def test_load_image_modes():
+    white = load_image(Image.new("RGBA", (3, 2), (10, 20, 30, 0)))
+    assert white.mode == "RGB" and np.array(white).min() == 255, "fully transparent must be white"
+    for name in ["L", "P", "LA", "I;16", "I", "F", "CMYK", "1"]:
+        img = _case(name)
+        assert img.mode == name and load_image(img).mode == "RGB", name
+
+
+def test_image_config_from_dir(tmp_path):
+    assert ImageConfig.from_dir(tmp_path) == ImageConfig()
+    hub = {"min_pixels": 3136, "max_pixels": 1000, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+           "image_mean": [0.5, 0.5, 0.5], "image_std": list(data.CLIP_STD),
+           "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hub))
+    cfg = ImageConfig.from_dir(tmp_path)
+    assert cfg.max_pixels == 1000 and cfg.image_mean == (0.5, 0.5, 0.5) and cfg.image_std == data.CLIP_STD
+    hf_processor(max_pixels=777).save_pretrained(tmp_path)  # 5.23 layout: limits nested in "size"
+    assert ImageConfig.from_dir(tmp_path) == ImageConfig(max_pixels=777)
+    (tmp_path / "preprocessor_config.json").write_text('{"do_normalize": false, "crop_size": 3}')
+    with pytest.raises(ValueError, match="crop_size"):
+        ImageConfig.from_dir(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat template
+
+# chat_template.json of Qwen2-VL-2B/7B-Instruct, verbatim (reference §1)
+QWEN2VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+ONE_IMAGE = [{"role": "user", "content": "<image>Describe this image."}]
+WITH_SYSTEM = [{"role": "system", "content": "Answer briefly."},
+               {"role": "user", "content": "What is in the picture?<image>"},
+               {"role": "assistant", "content": "A small boat on a lake."}]
+MULTI_TURN = [{"role": "user", "content": "<image>\nWhere is the dog?"},
+              {"role": "assistant", "content": "It is in the top left corner."},
+              {"role": "user", "content": "How many people are there?"},
+              {"role": "assistant", "content": "There are 12 people."}]
+TWO_IMAGES = [{"role": "user", "content": "<image><image>The cat sits on the red mat. Which one?"},
+              {"role": "assistant", "content": "The first."}]
+CHATS = {"one_image": (ONE_IMAGE, True), "system": (WITH_SYSTEM, False), "multi_turn": (MULTI_TURN, False),
+         "two_images": (TWO_IMAGES, True)}
+
+
+def _hf_content(text):
+    """"<image>Describe." -> [{"type": "image"}, {"type": "text", "text": "Describe."}] (HF content lists)."""
+    content = []
+    for i, piece in enumerate(text.split("<image>")):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
+def hf_render(messages, add_generation_prompt, image_tokens=None):
+    """The Hub template rendered by transformers (its jinja environment), pads expanded as Qwen2VLProcessor does."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    hf_messages = [{"role": m["role"], "content": _hf_content(m["content"])} for m in messages]
+    text = render_jinja_template([hf_messages], chat_template=QWEN2VL_TEMPLATE,
+                                 add_generation_prompt=add_generation_prompt)[0][0]
+    for n in image_tokens or []:  # processing_qwen2_vl: each <|image_pad|> in turn -> n copies
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
+    return text.replace("<|placeholder|>", "<|image_pad|>")
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+def test_render_chat_matches_hf(name):
+    messages, gen = CHATS[name]
+    assert render_chat(messages, add_generation_prompt=gen) == hf_render(messages, gen)
+    counts = [3, 5][:sum(m["content"].count("<image>") for m in messages)]
+    assert render_chat(messages, gen, image_tokens=counts) == hf_render(messages, gen, counts)
+
+
+def test_render_chat_reference_example():
+    assert render_chat(ONE_IMAGE, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+        "<|vision_end|>Describe this image.<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match=r"2 <image> placeholders.*\[4\]"):
+        render_chat(TWO_IMAGES, image_tokens=[4])
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+def test_encode_chat(name, tok):
+    messages, gen = CHATS[name]
+    n_img = sum(m["content"].count("<image>") for m in messages)
+    grid = torch.tensor([[1, 4, 8], [1, 6, 4]])[:n_img]  # 8 and 6 image tokens
+    ids, labels = encode_chat(tok, messages, grid if n_img else None, add_generation_prompt=gen)
+    assert ids == tok.encode(hf_render(messages, gen, [8, 6][:n_img]))
+    assert ids == tok.encode(render_chat(messages, gen, image_tokens=[8, 6][:n_img]))
+    assert ids.count(tok.image_pad_id) == sum([8, 6][:n_img])
+    # supervised spans are exactly "<content><|im_end|>" of each assistant reply
+    assert all(l in (IGNORE_INDEX, t) for t, l in zip(ids, labels))
+    sup = [l != IGNORE_INDEX for l in labels] + [False]
+    starts = [i for i in range(len(ids)) if sup[i] and (i == 0 or not sup[i - 1])]
+    ends = [i for i in range(1, len(ids) + 1) if sup[i - 1] and not sup[i]]
+    spans = list(zip(starts, ends))
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert [tok.decode(ids[a:b]) for a, b in spans] == [r + "<|im_end|>" for r in replies]
+    header = tok.encode("<|im_start|>assistant\n")
+    for a, b in spans:
+        assert ids[a - len(header):a] == header and labels[a - 1] == labels[b] == IGNORE_INDEX
+    assert len(spans) == (2 if name == "multi_turn" else len(replies))
+
+
+def test_tokenizer(tmp_path, tok):
+    assert tok.im_start_id == tok.token_to_id("<|im_start|>") and tok.image_pad_id == tok.token_to_id("<|image_pad|>")
+    assert tok.endoftext_id == len(tok) - 14, "specials follow the ~400 trained tokens"
+    text = "<|im_start|>user\nThe cat sits<|image_pad|><|im_end|>"
+    ids = tok.encode(text)
+    assert ids[0] == tok.im_start_id and tok.image_pad_id in ids and tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nThe cat sits"
+    with pytest.raises(KeyError, match="<nope>"):
+        tok.token_to_id("<nope>")
+    with pytest.raises(FileNotFoundError):
+        Tokenizer(tmp_path / "missing")
+
+
+def test_tokenizer_add_tokens_and_save(tmp_path):
+    tok = Tokenizer(make_tiny_tokenizer(tmp_path))
+    n = len(tok)
+    ids = tok.add_tokens(["<|a_0|>", "<|a_1|>"], special=True)
+    assert ids == [n, n + 1] and len(tok) == n + 2
+    assert tok.add_tokens(["<|a_1|>", "<|a_0|>"], special=True) == [n + 1, n] and len(tok) == n + 2, "idempotent"
+    assert tok.add_tokens(["<region>"]) == [n + 2]
+    assert tok.encode("x<|a_1|>y<region>") == tok.encode("x") + [n + 1] + tok.encode("y") + [n + 2]
+    tok.save(tmp_path / "saved")
+    again = Tokenizer(tmp_path / "saved")
+    assert len(again) == n + 3 and again.encode("<|a_0|><region>") == [n, n + 2]
+    assert again.decode([n, n + 2], skip_special_tokens=True) == "<region>"
+
+
+# -----------------------------------------------------------------------------
+# sample.py end to end
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory):
+    """A tiny checkpoint whose config ids match its tokenizer.json: what sample.py needs."""
+    d = tmp_path_factory.mktemp("chat")
+    tok = Tokenizer(make_tiny_tokenizer(d))
+    torch.manual_seed(2)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64), image_token_id=tok.image_pad_id,
+        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id, tie_word_embeddings=True)
+    hf = Qwen2VLForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.15)
+    hf.save_pretrained(d)
+    Image.fromarray(_rgb(90, 120, seed=3)).save(d / "cat.png")
+    return d
+
+
+def test_sample_cli_matches_transformers_generate(chat_dir, capsys):
+    import sample
+    image = str(chat_dir / "cat.png")
+    got = sample.main(["--init_from", str(chat_dir), "--image", image, "--prompt", "Describe this image.",
+                       "--max_new_tokens", "12", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert "prefill:" in err and "tokens/s" in err, f"timings missing from stderr: {err!r}"
+    tok = Tokenizer(chat_dir)
+    assert out.strip() == tok.decode(got).strip(), "stdout must be exactly the streamed completion"
+    pv, grid = process_images([image], ImageConfig())
+    ids, _ = encode_chat(tok, [{"role": "user", "content": "<image>Describe this image."}], grid, True)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        ref = load_hf(str(chat_dir)).generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == tok.image_pad_id).int(),
+            pixel_values=pv, image_grid_thw=grid, do_sample=False, repetition_penalty=1.0, max_new_tokens=12,
+            eos_token_id=[tok.im_end_id, tok.endoftext_id], pad_token_id=tok.endoftext_id)[0, ids.size(1):].tolist()
+    stop = {tok.im_end_id, tok.endoftext_id}
+    ref = ref[:next((i for i, t in enumerate(ref) if t in stop), len(ref))]
+    assert got == ref, f"sample.py {got} vs transformers {ref}"
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert M.sample_next(logits, 0).item() == 0
+    assert {M.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)} == {0, 1}
+    # softmax mass: 0.64, 0.23, 0.09, ... so top_p 0.8 keeps the first two tokens only
+    assert {M.sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(200)} == {0, 1}
+    assert {M.sample_next(logits, 1.0, top_p=0.1, generator=g).item() for _ in range(50)} == {0}

@@ -1,0 +1,239 @@
+"""
+Everything between raw inputs and token ids for nanoVPT: loading images, the Qwen2-VL image preprocessing
+(smart resize, normalise, patchify into pixel_values + image_grid_thw), a thin wrapper over the byte-level BPE
+tokenizer.json, and the Qwen2-VL chat template with assistant-only labels. Datasets and the synthetic set will live
+here too. Every step mirrors transformers 5.23 (Qwen2VLImageProcessorPil, the Hub chat_template) bit for bit, and the
+tests hold it to that; transformers itself is never imported here.
+Shape letters: H, W pixels; C colour channels (3); T temporal patch (2 copies of a still image); p patch size (14);
+m merge size (2); gh, gw patch grid (H/p, W/p); Np patches in an image (gh*gw).
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from model import IGNORE_INDEX  # label value that cross-entropy skips
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# -----------------------------------------------------------------------------
+# images
+
+
+@dataclass
+class ImageConfig:
+    # defaults are the Hub preprocessor_config.json of Qwen2-VL-2B/7B-Instruct, not the transformers class defaults
+    min_pixels: int = 3136  # 56*56
+    max_pixels: int = 12845056  # 28*28*16384 (the class default is 28*28*1280)
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+
+    # keys whose value is hard-coded in process_image: a file asking for anything else is refused
+    _FIXED = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "do_convert_rgb": True, "resample": 3}  # 3 = PIL BICUBIC
+    _IGNORED = {"image_processor_type", "processor_class"}  # HF class names, no effect on the pixels
+
+    @classmethod
+    def from_dir(cls, path) -> "ImageConfig":
+        """Reads path/preprocessor_config.json (Hub or save_pretrained layout); defaults if there is none."""
+        file = Path(path) / "preprocessor_config.json"
+        if not file.exists():
+            return cls()
+        d = json.loads(file.read_text())
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names - set(cls._FIXED) - cls._IGNORED - {"size"}
+        wrong = {k: d[k] for k in cls._FIXED if k in d and d[k] != cls._FIXED[k]}
+        if unknown or wrong:
+            raise ValueError(f"{file}: unknown keys {sorted(unknown)}, unsupported values {wrong}")
+        # newer saves nest the limits as size.shortest_edge/longest_edge (4.4x saves: size.min_pixels/max_pixels);
+        # top-level min_pixels/max_pixels win, as in Qwen2VLImageProcessorPil.__init__
+        size = d.get("size", {})
+        kw = {"min_pixels": size.get("shortest_edge", size.get("min_pixels")),
+              "max_pixels": size.get("longest_edge", size.get("max_pixels"))}
+        kw.update({k: d[k] for k in names if k in d})
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if v is not None}
+        return cls(**kw)
+
+
+def load_image(src) -> Image.Image:
+    """A path or PIL image -> upright RGB PIL image, transparency composited on white."""
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode now so a truncated file fails here, not in the resize
+        except (OSError, SyntaxError) as e:  # PIL raises UnidentifiedImageError (an OSError) or SyntaxError
+            raise ValueError(f"cannot read image {path}: {e}") from e
+    img = ImageOps.exif_transpose(img)
+    # mirrors transformers image_transforms.convert_to_rgb: alpha (or a palette/tRNS transparency) goes on white;
+    # every other mode is PIL's convert("RGB"), which clips I;16/I/F values above 255 rather than rescaling them
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
+
+
+def smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056) -> tuple[int, int]:
+    """Target (height, width): multiples of factor, area within [min_pixels, max_pixels], aspect ratio kept.
+    Mirrors transformers qwen2_vl smart_resize, including Python's round-half-to-even."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {height}x{width} (HxW) has aspect ratio above 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def process_image(image, cfg: ImageConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image -> pixel_values (Np, C*T*p*p) float32 and grid_thw (3,) int64 = [1, gh, gw].
+    Mirrors Qwen2VLImageProcessorPil._preprocess + patchify."""
+    img = load_image(image)
+    p, m, T = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    H, W = smart_resize(img.height, img.width, p * m, cfg.min_pixels, cfg.max_pixels)
+    x = np.array(img.resize((W, H), Image.Resampling.BICUBIC))  # (H, W, C) uint8: PIL resizes before any rescale
+    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)  # image_transforms.rescale upcasts to float64 first
+    x = (x - np.array(cfg.image_mean, np.float32)) / np.array(cfg.image_std, np.float32)  # normalize in float32
+    x = torch.from_numpy(x).permute(2, 0, 1)  # (C, H, W)
+    C, gh, gw = x.shape[0], H // p, W // p
+    x = x.reshape(C, gh // m, m, p, gw // m, m, p)  # (C, gh/m, m, p, gw/m, m, p)
+    # rows are merge-block-major (2x2 blocks row-major, patches inside a block row-major) so the merger's
+    # view(-1, m*m*D) sees one block per row
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
+    x = x.unsqueeze(5).expand(*x.shape[:5], T, p, p)  # (gh/m, gw/m, m, m, C, T, p, p): a still is T equal frames
+    pixel_values = x.reshape(gh * gw, C * T * p * p)  # (Np, C*T*p*p), features ordered (c, t, py, px)
+    return pixel_values, torch.tensor([1, gh, gw], dtype=torch.int64)
+
+
+def process_images(images, cfg: ImageConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Images -> pixel_values (sum Np, C*T*p*p) with rows concatenated in order, image_grid_thw (n_images, 3)."""
+    if not images:
+        return None, None
+    pixels, grids = zip(*(process_image(im, cfg) for im in images))
+    return torch.cat(pixels), torch.stack(grids)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat template
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<image>"  # marks an image inside message text, as in the VPT authors' datasets
+
+
+def _tokenizer_file(path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".json" else path / "tokenizer.json"
+
+
+class Tokenizer:
+    """Byte-level BPE from a Qwen2 tokenizer.json (a file or a directory holding one), with the chat token ids."""
+
+    def __init__(self, path):
+        file = _tokenizer_file(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {file}")
+        self.tk = HFTokenizer.from_file(str(file))
+        self.im_start_id = self.token_to_id(IM_START)
+        self.im_end_id = self.token_to_id(IM_END)
+        self.endoftext_id = self.token_to_id(ENDOFTEXT)
+        self.vision_start_id = self.token_to_id(VISION_START)
+        self.vision_end_id = self.token_to_id(VISION_END)
+        self.image_pad_id = self.token_to_id(IMAGE_PAD)
+
+    def encode(self, text) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids  # Qwen has no BOS; added tokens are still matched
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token) -> int:
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise KeyError(f"token {token!r} is not in the tokenizer")
+        return i
+
+    def __len__(self):
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def add_tokens(self, tokens, special=False) -> list[int]:
+        """Adds the tokens that are not there yet (new ids follow the vocabulary) and returns the ids of all."""
+        new = [AddedToken(t, special=special) for t in tokens]
+        if special:
+            self.tk.add_special_tokens(new)
+        else:
+            self.tk.add_tokens(new)
+        return [self.token_to_id(t) for t in tokens]
+
+    def save(self, path):
+        """Writes tokenizer.json into the directory path (created if needed), or to path itself if it ends in .json."""
+        file = _tokenizer_file(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(file))
+
+
+def _chat_segments(messages, add_generation_prompt, image_tokens) -> list[tuple[str, bool]]:
+    """The Qwen2-VL chat template as (text, supervised) pieces: joined they are render_chat's text, and only the
+    assistant replies with their closing <|im_end|> are supervised (LLaMA-Factory's qwen template)."""
+    if messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
+    n_images = sum(msg["content"].count(IMAGE_PLACEHOLDER) for msg in messages)
+    if image_tokens is None:
+        image_tokens = [1] * n_images  # one pad per image, as the template writes it before the processor expands it
+    if len(image_tokens) != n_images:
+        raise ValueError(f"{n_images} {IMAGE_PLACEHOLDER} placeholders but image token counts {list(image_tokens)}")
+    pads = iter(image_tokens)
+    segments = []
+    for msg in messages:
+        role, parts = msg["role"], msg["content"].split(IMAGE_PLACEHOLDER)
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown chat role {role!r}")
+        content = parts[0] + "".join(VISION_START + IMAGE_PAD * next(pads) + VISION_END + s for s in parts[1:])
+        if role == "assistant":
+            segments += [(f"{IM_START}{role}\n", False), (content + IM_END, True), ("\n", False)]
+        else:
+            segments.append((f"{IM_START}{role}\n{content}{IM_END}\n", False))
+    if add_generation_prompt:
+        segments.append((f"{IM_START}assistant\n", False))
+    return segments
+
+
+def render_chat(messages, add_generation_prompt=False, image_tokens=None) -> str:
+    """Chat messages ({"role", "content"} with <image> placeholders) -> Qwen2-VL chat template text. With image_tokens
+    (one count per image, in order) each <|image_pad|> is repeated that many times, as Qwen2VLProcessor does."""
+    return "".join(text for text, _ in _chat_segments(messages, add_generation_prompt, image_tokens))
+
+
+def encode_chat(tok, messages, image_grid_thw=None, add_generation_prompt=False,
+                merge_size=2) -> tuple[list[int], list[int]]:
+    """Chat messages -> (input_ids, labels), labels IGNORE_INDEX outside the assistant replies. Each image gets
+    t*gh*gw/m^2 pads from its image_grid_thw row. Pieces are encoded one by one (as LLaMA-Factory does) so label
+    boundaries are exact; every boundary touches a special token except reply starts, so this equals encoding the
+    whole text unless a reply begins with a newline (the whole text merges it with the header's newline)."""
+    image_tokens = None if image_grid_thw is None else [int(g.prod()) // merge_size**2 for g in image_grid_thw]
+    ids, labels = [], []
+    for text, supervised in _chat_segments(messages, add_generation_prompt, image_tokens):
+        piece = tok.encode(text)
+        ids += piece
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+    return ids, labels
