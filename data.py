@@ -132,6 +132,35 @@ def process_images(images, cfg: ImageConfig) -> tuple[torch.Tensor | None, torch
     return torch.cat(pixels), torch.stack(grids)
 
 
+# DINOv2 preprocessing, exactly as the VPT authors ran it (vpt.md section 2.3)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DINO_RESIZE = 256  # facebook/dinov2-* preprocessor_config: size.shortest_edge
+DINO_CROP = 224  # crop_size 224x224: a 16x16 grid of 14-px patches, the 256 tokens VPT uses
+
+
+def process_dino_image(img: Image.Image, max_side: int = 512) -> torch.Tensor:
+    """RGB PIL image -> (3, 224, 224) float32 pixel values for Dinov2Model."""
+    # mirrors LLaMA-Factory BasePlugin._preprocess_image with image_resolution = max_side: NEAREST, truncated sizes
+    if max(img.width, img.height) > max_side:
+        scale = max_side / max(img.width, img.height)
+        img = img.resize((int(img.width * scale), int(img.height * scale)), resample=Image.NEAREST)
+    img = img.convert("RGB")
+    # mirrors BitImageProcessorPil with the Hub values; the long edge is truncated (get_resize_output_image_size)
+    w, h = img.size
+    long = int(DINO_RESIZE * max(w, h) / min(w, h))
+    new_w, new_h = (DINO_RESIZE, long) if w <= h else (long, DINO_RESIZE)
+    img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+    top, left = (new_h - DINO_CROP) // 2, (new_w - DINO_CROP) // 2  # image_transforms.center_crop; never pads here
+    img = img.crop((left, top, left + DINO_CROP, top + DINO_CROP))
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, 224, 224) uint8
+    x = (x.double() * (1 / 255)).float()  # image_transforms.rescale: multiply in float64, then cast
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean) / std  # image_transforms.normalize, in float32
+
+
 # -----------------------------------------------------------------------------
 # tokenizer and chat template
 

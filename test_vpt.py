@@ -11,12 +11,15 @@ import pytest
 import torch
 import transformers  # the parity oracle: a hard requirement of the test suite
 from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import data
 import model as M
+from model import DinoConfig
+from data import (IMAGENET_MEAN, IMAGENET_STD, process_dino_image)
 from data import (IGNORE_INDEX, ImageConfig, Tokenizer, encode_chat, load_image, process_image, process_images,
                   render_chat, smart_resize)
 
@@ -204,7 +207,6 @@ def test_checkpoint_layouts_load(tmp_path, tied_dir, untied_dir):
 
 
 def test_strict_loading_names_the_bad_key(tmp_path, untied_dir):
-    from safetensors.torch import load_file, save_file
     sd = load_file(os.path.join(untied_dir, "model.safetensors"))
     cfg = open(os.path.join(untied_dir, "config.json")).read()
     cases = {
@@ -595,3 +597,115 @@ def test_sampling_filters():
     # softmax mass: 0.64, 0.23, 0.09, ... so top_p 0.8 keeps the first two tokens only
     assert {M.sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(200)} == {0, 1}
     assert {M.sample_next(logits, 1.0, top_p=0.1, generator=g).item() for _ in range(50)} == {0}
+
+
+# -----------------------------------------------------------------------------
+# DINOv2 (model.py) and its preprocessing (data.py)
+
+# head size 64 like every facebook/dinov2-*, so that from_state_dict's heads = width // 64 holds
+TINY_DINO = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=518, patch_size=14)
+
+
+def _write_hf_dino(path, **overrides):
+    from transformers import Dinov2Config
+    from transformers import Dinov2Model as HFDinov2Model
+    torch.manual_seed(0)
+    model = HFDinov2Model(Dinov2Config(**TINY_DINO, **overrides))
+    with torch.no_grad():  # a large std everywhere (lambdas, position table, cls, mask) so that every detail shows
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dino_dir(tmp_path_factory):
+    return _write_hf_dino(tmp_path_factory.mktemp("dino"))
+
+
+@pytest.fixture(scope="module")
+def dino_swiglu_dir(tmp_path_factory):
+    return _write_hf_dino(tmp_path_factory.mktemp("dino_swiglu"), use_swiglu_ffn=True)
+
+
+def _load_dino(path):
+    return M.dino_from_pretrained(str(path))
+
+
+def _hf_last_hidden_state(path, pixel_values):
+    from transformers import Dinov2Model as HFDinov2Model
+    model = HFDinov2Model.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(pixel_values=pixel_values).last_hidden_state
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 280), (518, 518)])  # interpolated, non-square, table as is
+def test_dino_matches_transformers(dino_dir, size):
+    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    ref = _hf_last_hidden_state(dino_dir, pixel_values)
+    with torch.no_grad():
+        out = _load_dino(dino_dir)(pixel_values)
+    assert out.shape == ref.shape == (2, 1 + (size[0] // 14) * (size[1] // 14), 128), (out.shape, ref.shape)
+    diff = (out - ref).abs().max().item()
+    print(f"dinov2 {size}: max|diff| = {diff:.3g}")
+    assert diff <= 1e-4, f"last_hidden_state differs by {diff} at {size}"
+
+
+def test_dino_swiglu_matches_transformers(dino_swiglu_dir):
+    pixel_values = torch.randn(2, 3, 224, 280, generator=torch.Generator().manual_seed(2))
+    ref = _hf_last_hidden_state(dino_swiglu_dir, pixel_values)
+    with torch.no_grad():
+        out = _load_dino(dino_swiglu_dir)(pixel_values)
+    diff = (out - ref).abs().max().item()
+    print(f"dinov2 swiglu (224, 280): max|diff| = {diff:.3g}")
+    assert diff <= 1e-4, f"swiglu last_hidden_state differs by {diff}"
+
+
+def test_dino_patch_features_drop_cls(dino_dir):
+    model = _load_dino(dino_dir)
+    pixel_values = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats, full = model.patch_features(pixel_values), model(pixel_values)
+    assert feats.shape == (1, 256, 128), feats.shape
+    assert torch.equal(feats, full[:, 1:]), "patch_features must be last_hidden_state without CLS"
+
+
+@pytest.mark.parametrize("fixture", ["dino_dir", "dino_swiglu_dir"])
+def test_dino_config_from_state_dict(request, fixture):
+    path = request.getfixturevalue(fixture)
+    from_hf = DinoConfig.from_hf(json.loads((path / "config.json").read_text()))
+    sd = {"detection_model." + k: v for k, v in load_file(path / "model.safetensors").items()}  # the VPT layout
+    assert DinoConfig.from_state_dict(sd, prefix="detection_model.") == from_hf
+
+
+def _hf_dino_pixels(img):
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+    proc = BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+                                image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    return proc(img, return_tensors="pt")["pixel_values"][0]
+
+
+def _noise_image(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("w, h", [(300, 200), (200, 300), (100, 80), (333, 257), (512, 384)])  # wide, tall, upsampled
+def test_process_dino_image_matches_bit_processor(w, h):
+    img = _noise_image(w, h)
+    ours, ref = process_dino_image(img), _hf_dino_pixels(img)
+    assert ours.dtype == ref.dtype == torch.float32, (ours.dtype, ref.dtype)
+    assert ours.shape == ref.shape == (3, 224, 224), (ours.shape, ref.shape)
+    diff = (ours - ref).abs().max().item()
+    print(f"process_dino_image {w}x{h}: max|diff| = {diff:.3g}")
+    assert diff <= 1e-6, f"pixel values differ by {diff} for a {w}x{h} image"
+
+
+def test_process_dino_image_nearest_downscale_first():
+    img = _noise_image(900, 700, seed=1)
+    # LLaMA-Factory's downscale: long side 512, sizes truncated, NEAREST
+    small = img.resize((512, int(700 * 512 / 900)), resample=Image.NEAREST)
+    ours = process_dino_image(img)
+    diff = (ours - _hf_dino_pixels(small)).abs().max().item()
+    print(f"process_dino_image 900x700 (NEAREST to 512x398 first): max|diff| = {diff:.3g}")
+    assert diff <= 1e-6, f"pixel values differ by {diff} after the NEAREST pre-downscale"
+    assert not torch.allclose(ours, _hf_dino_pixels(img)), "the pre-downscale must change the result"
