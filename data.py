@@ -9,6 +9,8 @@ m merge size (2); gh, gw patch grid (H/p, W/p); Np patches in an image (gh*gw).
 """
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -63,6 +65,13 @@ class ImageConfig:
         kw.update({k: d[k] for k in names if k in d})
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if v is not None}
         return cls(**kw)
+
+    def save(self, path):
+        """Writes path/preprocessor_config.json (the Hub layout) via a temporary file."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        tmp = Path(path) / "preprocessor_config.json.tmp"
+        tmp.write_text(json.dumps({**d, "image_processor_type": "Qwen2VLImageProcessor"}, indent=2))
+        tmp.replace(Path(path) / "preprocessor_config.json")
 
 
 def load_image(src) -> Image.Image:
@@ -132,6 +141,16 @@ def process_images(images, cfg: ImageConfig) -> tuple[torch.Tensor | None, torch
     return torch.cat(pixels), torch.stack(grids)
 
 
+def limit_side(img, max_side):
+    """Shrinks an image so its long side is at most max_side, never enlarges it. Mirrors LLaMA-Factory's
+    _preprocess_image (image_resolution, default 512), which the VPT authors apply to every image: NEAREST, sizes
+    truncated (vpt.md 2.3)."""
+    if max(img.width, img.height) > max_side:
+        scale = max_side / max(img.width, img.height)
+        img = img.resize((int(img.width * scale), int(img.height * scale)), resample=Image.NEAREST)
+    return img
+
+
 # DINOv2 preprocessing, exactly as the VPT authors ran it (vpt.md section 2.3)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,11 +161,7 @@ DINO_CROP = 224  # crop_size 224x224: a 16x16 grid of 14-px patches, the 256 tok
 
 def process_dino_image(img: Image.Image, max_side: int = 512) -> torch.Tensor:
     """RGB PIL image -> (3, 224, 224) float32 pixel values for Dinov2Model."""
-    # mirrors LLaMA-Factory BasePlugin._preprocess_image with image_resolution = max_side: NEAREST, truncated sizes
-    if max(img.width, img.height) > max_side:
-        scale = max_side / max(img.width, img.height)
-        img = img.resize((int(img.width * scale), int(img.height * scale)), resample=Image.NEAREST)
-    img = img.convert("RGB")
+    img = limit_side(img, max_side).convert("RGB")
     # mirrors BitImageProcessorPil with the Hub values; the long edge is truncated (get_resize_output_image_size)
     w, h = img.size
     long = int(DINO_RESIZE * max(w, h) / min(w, h))
@@ -221,23 +236,37 @@ class Tokenizer:
         self.tk.save(str(file))
 
 
-def _chat_segments(messages, add_generation_prompt, image_tokens) -> list[tuple[str, bool]]:
+def _pad_plan(messages, image_tokens, extra):
+    """{placeholder: (pad token, iterator over pad counts)}; checks that every placeholder has exactly one count."""
+    plan = {IMAGE_PLACEHOLDER: (IMAGE_PAD, image_tokens), **(extra or {})}
+    out = {}
+    for ph, (pad, counts) in plan.items():
+        found = sum(msg["content"].count(ph) for msg in messages)
+        counts = [1] * found if counts is None else list(counts)  # one pad each, as the template writes it
+        if len(counts) != found:
+            raise ValueError(f"{found} {ph} placeholders but {len(counts)} images ({counts} tokens)")
+        out[ph] = (pad, iter(counts))
+    return out
+
+
+def _expand(text, plan):
+    """Each placeholder -> <|vision_start|> pad * count <|vision_end|>, as Qwen2VLProcessor and the authors'
+    mm_plugin expand them."""
+    parts = re.split("(" + "|".join(map(re.escape, plan)) + ")", text)
+    return "".join(VISION_START + plan[p][0] * next(plan[p][1]) + VISION_END if p in plan else p for p in parts)
+
+
+def _chat_segments(messages, add_generation_prompt, image_tokens, extra=None) -> list[tuple[str, bool]]:
     """The Qwen2-VL chat template as (text, supervised) pieces: joined they are render_chat's text, and only the
     assistant replies with their closing <|im_end|> are supervised (LLaMA-Factory's qwen template)."""
     if messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-    n_images = sum(msg["content"].count(IMAGE_PLACEHOLDER) for msg in messages)
-    if image_tokens is None:
-        image_tokens = [1] * n_images  # one pad per image, as the template writes it before the processor expands it
-    if len(image_tokens) != n_images:
-        raise ValueError(f"{n_images} {IMAGE_PLACEHOLDER} placeholders but image token counts {list(image_tokens)}")
-    pads = iter(image_tokens)
+    plan = _pad_plan(messages, image_tokens, extra)
     segments = []
     for msg in messages:
-        role, parts = msg["role"], msg["content"].split(IMAGE_PLACEHOLDER)
+        role, content = msg["role"], _expand(msg["content"], plan)
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"unknown chat role {role!r}")
-        content = parts[0] + "".join(VISION_START + IMAGE_PAD * next(pads) + VISION_END + s for s in parts[1:])
         if role == "assistant":
             segments += [(f"{IM_START}{role}\n", False), (content + IM_END, True), ("\n", False)]
         else:
@@ -247,22 +276,148 @@ def _chat_segments(messages, add_generation_prompt, image_tokens) -> list[tuple[
     return segments
 
 
-def render_chat(messages, add_generation_prompt=False, image_tokens=None) -> str:
+def render_chat(messages, add_generation_prompt=False, image_tokens=None, extra=None) -> str:
     """Chat messages ({"role", "content"} with <image> placeholders) -> Qwen2-VL chat template text. With image_tokens
-    (one count per image, in order) each <|image_pad|> is repeated that many times, as Qwen2VLProcessor does."""
-    return "".join(text for text, _ in _chat_segments(messages, add_generation_prompt, image_tokens))
+    (one count per image, in order) each <|image_pad|> is repeated that many times, as Qwen2VLProcessor does.
+    extra maps the re-encoding placeholders to (pad token, counts): {"<detection_image>": ("<|...|>", [256])}."""
+    return "".join(text for text, _ in _chat_segments(messages, add_generation_prompt, image_tokens, extra))
 
 
-def encode_chat(tok, messages, image_grid_thw=None, add_generation_prompt=False,
-                merge_size=2) -> tuple[list[int], list[int]]:
+def encode_chat(tok, messages, image_grid_thw=None, add_generation_prompt=False, merge_size=2,
+                extra=None) -> tuple[list[int], list[int]]:
     """Chat messages -> (input_ids, labels), labels IGNORE_INDEX outside the assistant replies. Each image gets
     t*gh*gw/m^2 pads from its image_grid_thw row. Pieces are encoded one by one (as LLaMA-Factory does) so label
     boundaries are exact; every boundary touches a special token except reply starts, so this equals encoding the
     whole text unless a reply begins with a newline (the whole text merges it with the header's newline)."""
     image_tokens = None if image_grid_thw is None else [int(g.prod()) // merge_size**2 for g in image_grid_thw]
     ids, labels = [], []
-    for text, supervised in _chat_segments(messages, add_generation_prompt, image_tokens):
+    for text, supervised in _chat_segments(messages, add_generation_prompt, image_tokens, extra):
         piece = tok.encode(text)
         ids += piece
         labels += piece if supervised else [IGNORE_INDEX] * len(piece)
     return ids, labels
+
+
+def next_turn(tok, content, image_tokens=None, extra=None) -> list[int]:
+    """Ids that close the current assistant reply, add a user turn with `content` and open the next reply: the text
+    a perception round appends, token for token what encode_chat gives the same turns in a whole record."""
+    plan = _pad_plan([{"content": content}], image_tokens, extra)
+    return tok.encode(IM_END) + tok.encode("\n") + tok.encode(f"{IM_START}user\n{_expand(content, plan)}{IM_END}\n") \
+        + tok.encode(f"{IM_START}assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# the VPT datasets (rp-yu/VPT_Datasets record format, vpt.md 5.2)
+
+DINO_TOKENS = (DINO_CROP // 14) ** 2  # 256: the 16 x 16 patches of a 224 px crop
+# the extra placeholders: the DINOv2 view (always 256 tokens) and the clip view (as many as the image gives)
+EXTRA_PLACEHOLDERS = {"dino": ("<detection_image>", "detection_images"), "clip": ("<clip_image>", "clip_images")}
+
+
+def parse_image_ref(ref, base_dir):
+    """'img.jpg' or the authors' crop form 'img.jpg_x1,y1,x2,y2' -> (path relative to base_dir, box or None)."""
+    stem, dot, ext = ref.rpartition(".")
+    if dot and "_" in ext:  # the text after the last '.' carries the crop box (mm_plugin.py:596-624)
+        ext, box = ext.split("_", 1)
+        return os.path.join(base_dir, f"{stem}.{ext}"), tuple(int(v) for v in box.split(","))
+    return os.path.join(base_dir, ref), None
+
+
+def open_image(ref, base_dir, max_side):
+    """Loads an image reference, crops it on the full-resolution file, then limits its long side (the authors'
+    order: a crop is never upscaled, so a small crop gives few tokens)."""
+    path, box = parse_image_ref(ref, base_dir)
+    img = load_image(path)
+    return limit_side(img.crop(box) if box else img, max_side)
+
+
+def read_records(path):
+    """A JSON list or JSON-lines file of records -> list of dicts, each checked; errors name the file and index."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON / JSON lines: {e}") from None
+    for i, r in enumerate(records):
+        msgs = r.get("messages") if isinstance(r, dict) else None
+        if not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and
+                               m.get("role") in ("system", "user", "assistant") for m in msgs):
+            raise ValueError(f"{path}: record {i}: 'messages' must be a list of {{role, content}} with roles "
+                             f"system/user/assistant")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{path}: record {i}: the last message must be the assistant's answer")
+        for ph, key in [(IMAGE_PLACEHOLDER, "images"), *EXTRA_PLACEHOLDERS.values()]:
+            n = sum(m["content"].count(ph) for m in msgs)
+            if n != len(r.get(key) or []):
+                raise ValueError(f"{path}: record {i}: {n} {ph} placeholders but {len(r.get(key) or [])} {key}")
+    return records
+
+
+class VPTDataset:
+    """Records of one file -> model-ready samples. A sample is None when it has more than max_len tokens: it is
+    dropped whole (never cut inside an image block) and the trainer counts it."""
+
+    def __init__(self, path, tok, img_cfg, encoder=None, pad_id=None, act_id=None, image_resolution=512,
+                 max_len=2048):
+        self.records, self.base = read_records(path), os.path.dirname(os.path.abspath(path))
+        self.path, self.tok, self.img_cfg, self.encoder = path, tok, img_cfg, encoder
+        self.pad, self.act_id = (tok.tk.id_to_token(pad_id) if pad_id is not None else None), act_id
+        self.max_side, self.max_len = image_resolution, max_len
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        try:
+            images = [open_image(ref, self.base, self.max_side) for ref in r.get("images") or []]
+            pixel_values, grid = process_images(images, self.img_cfg)
+            extra, extra_spec = None, None
+            if self.encoder is not None:
+                ph, key = EXTRA_PLACEHOLDERS[self.encoder]
+                views = [open_image(ref, self.base, self.max_side) for ref in r.get(key) or []]
+                if views and self.encoder == "dino":
+                    extra = torch.stack([process_dino_image(v, self.max_side) for v in views])  # (N, 3, 224, 224)
+                    extra_spec = {ph: (self.pad, [DINO_TOKENS] * len(views))}
+                elif views:
+                    extra = process_images(views, self.img_cfg)  # (pixel_values, image_grid_thw)
+                    extra_spec = {ph: (self.pad, [int(g.prod()) // self.img_cfg.merge_size ** 2 for g in extra[1]])}
+            ids, labels = encode_chat(self.tok, r["messages"], grid, merge_size=self.img_cfg.merge_size,
+                                      extra=extra_spec)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{self.path}: record {i}: {e}") from e
+        if len(ids) > self.max_len:
+            return None
+        # the control token's input is the model's own hidden state, so predicting it is never trained (vpt.md 4.3)
+        labels = [IGNORE_INDEX if t == self.act_id else l for t, l in zip(ids, labels)]
+        return dict(input_ids=ids, labels=labels, pixel_values=pixel_values, image_grid_thw=grid, extra=extra)
+
+
+def collate(samples, pad_id, image_token_id, merge=2, mask_prob=0.0, generator=None):
+    """Samples -> one right-padded batch: input_ids, padding_mask, targets (the next token at each position, -100
+    where unsupervised), M-RoPE position_ids, the images concatenated in order, and mask_modeling, drawn per
+    sample with probability mask_prob (it only acts on samples with a control token)."""
+    from model import get_rope_index
+    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    padding = torch.zeros(B, T, dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[b, :n] = torch.tensor(s["input_ids"])
+        targets[b, :n - 1] = torch.tensor(s["labels"][1:])  # position t predicts token t+1
+        padding[b, :n] = 1
+    cat = lambda xs: torch.cat(xs) if xs else None
+    grids = cat([s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None])
+    extras = [s["extra"] for s in samples if s["extra"] is not None]
+    if extras and isinstance(extras[0], tuple):  # clip: (pixel_values, image_grid_thw) pairs
+        extras = (cat([e[0] for e in extras]), cat([e[1] for e in extras]))
+    else:
+        extras = cat(extras)
+    position_ids, _ = get_rope_index(ids, grids, padding, image_token_id, merge)
+    return dict(input_ids=ids, padding_mask=padding, targets=targets, position_ids=position_ids,
+                pixel_values=cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]),
+                image_grid_thw=grids, extra=extras,
+                mask_modeling=torch.rand(B, generator=generator) < mask_prob)

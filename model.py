@@ -360,6 +360,10 @@ class Qwen2(nn.Module):
         """(B, T, C) input embeddings at M-RoPE positions (3, B, T) -> (B, T, C) final-normed hidden states.
         mask: bool (B, 1, T, S), True = may attend; None = plain causal over the new tokens (and all cached ones)."""
         cfg = self.cfg
+        T = x.size(1)
+        if mask is None and kv_cache is not None and kv_cache.pos > 0 and T > 1:
+            # SDPA's is_causal aligns the triangle top-left; a chunk after cached tokens needs it bottom-right
+            mask = causal_mask(torch.ones(x.size(0), kv_cache.pos + T, device=x.device), T, start=kv_cache.pos)
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         for layer in self.layers:
             if self.checkpointing and self.training:
@@ -367,7 +371,7 @@ class Qwen2(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.advance(x.size(1))
+            kv_cache.advance(T)
         return self.norm(x)
 
 
@@ -433,6 +437,15 @@ def decode_positions(padding_mask, rope_delta, T=1):
 # the full vision-language model
 
 
+def init_weights(module):
+    """From-scratch init (training a tiny model; checkpoints overwrite it): N(0, 0.02) weights and zero biases, as
+    Qwen2's initializer_range. Norms keep their ones/zeros."""
+    if isinstance(module, (nn.Linear, nn.Conv3d, nn.Conv2d, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
 class Qwen2VL(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -442,6 +455,7 @@ class Qwen2VL(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(init_weights)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings with the image features written over the <|image_pad|> slots, in order (section 3.4)."""

@@ -1,15 +1,22 @@
 """
-Ask a model a question about one or more images; the answer streams to stdout, timings go to stderr.
+Ask a model a question about images; the answer streams to stdout, perception tokens and timings go to stderr.
     python sample.py --init_from Qwen/Qwen2-VL-2B-Instruct --image photo.jpg --prompt "What is in this image?"
+    python sample.py --init_from rp-yu/Qwen2-VL-2b-VPT-Det --image photo.jpg --prompt "..." --vpt region --save_viz out.png
+A VPT checkpoint (model_type qwen2_vl_vpt) answers through vpt.Sampler: with --vpt free it decides itself whether
+to select a region or re-encode the image, region/reencode force that path, off answers directly.
 """
 import argparse
+import json
+import os
 import sys
 import time
 
 import torch
+from PIL import ImageDraw
 
 import data
 import model as M
+import vpt
 
 
 def parse_args(argv=None):
@@ -24,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only)")
+    p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer")
+    p.add_argument("--save_viz", default=None, help="write the image with the selected regions drawn in red")
     return p.parse_args(argv)
 
 
@@ -47,10 +57,16 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    path = M.resolve_dir(args.init_from)
+    path = M.resolve_dir(args.init_from, vpt.WEIGHT_PATTERNS)
+    with open(os.path.join(path, "config.json")) as f:
+        is_vpt = json.load(f).get("model_type") == "qwen2_vl_vpt"
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    if is_vpt:
+        return answer_vpt(args, path, dtype, gen)
+    if args.vpt in ("region", "reencode"):
+        sys.exit(f"--vpt {args.vpt} needs a VPT checkpoint; {args.init_from} is a plain Qwen2-VL")
     tok = data.Tokenizer(path)
     model = M.from_pretrained(path, dtype=dtype, device=args.device)
-
     images = [data.load_image(p) for p in args.image]
     pixel_values, grid = data.process_images(images, data.ImageConfig.from_dir(path))
     content = data.IMAGE_PLACEHOLDER * len(images) + args.prompt
@@ -58,22 +74,65 @@ def main(argv=None):
     ids = torch.tensor([ids], device=args.device)
     if pixel_values is not None:
         pixel_values, grid = pixel_values.to(args.device), grid.to(args.device)
-
     stop = {tok.im_end_id, tok.endoftext_id}
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    tokens = M.generate(model, ids, None, pixel_values, grid, args.max_new_tokens, args.temperature, args.top_k,
+                        args.top_p, stop_ids=stop, generator=gen)
+    return stream(tokens, tok, stop, ids.size(1))
+
+
+def answer_vpt(args, path, dtype, gen):
+    if len(args.image) != 1:
+        sys.exit("a VPT model answers about exactly one image (--image)")
+    model, tok, img_cfg = vpt.from_pretrained(path, dtype=dtype, device=args.device)
+    sampler = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, gen)
+    stop = {tok.im_end_id, tok.endoftext_id}
+    ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, stop, None, sampler)
+    for r in sampler.rounds:
+        if r.kind == "region":
+            print(f"region: x cells {r.cells[0]}, y cells {r.cells[1]} -> box {r.box} on the "
+                  f"{sampler.original.width}x{sampler.original.height} original", file=sys.stderr)
+        else:
+            print(f"re-encode: {model.vcfg.encoder} features conditioned on the control vector", file=sys.stderr)
+    if args.save_viz:
+        img = sampler.original.copy()
+        draw = ImageDraw.Draw(img)
+        for r in sampler.rounds:
+            if r.box:
+                draw.rectangle([r.box[0], r.box[1], r.box[2] - 1, r.box[3] - 1], outline=(255, 0, 0),
+                               width=max(2, img.width // 150))
+        img.save(args.save_viz)
+        print(f"wrote {args.save_viz}", file=sys.stderr)
+    return ids
+
+
+def answer_tokens(sampler, image, prompt, tok):
+    """The sampler's tokens minus the perception tokens, which go to stderr as they come."""
+    perception = sampler.model.tokens.perception()
+    for t in sampler.generate(image, prompt):
+        if t in perception:
+            print(tok.decode([t]), end="", file=sys.stderr, flush=True)
+        else:
+            yield t
+
+
+def stream(tokens, tok, stop, prompt_len, sampler=None):
+    """Streams decoded tokens to stdout until a stop id; prefill time and decode rate to stderr."""
     streamer = Streamer(tok)
     t0 = time.perf_counter()
     times = []  # arrival time of each token: the first comes right after the prefill, the rest one decode step each
-    for nxt in M.generate(model, ids, None, pixel_values, grid, args.max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, stop_ids=stop, generator=gen):
+    for t in tokens:
+        t = int(t)
         times.append(time.perf_counter())
-        if nxt.item() in stop:
+        if t in stop:
             break
-        streamer.put(nxt.item())
+        streamer.put(t)
     print()
     steps = len(times) - 1
-    rate = f"{steps / (times[-1] - times[0]):.1f} tokens/s" if steps else "n/a"
-    print(f"prefill: {ids.size(1)} tokens in {times[0] - t0:.3f} s; decode: {steps} steps at {rate}", file=sys.stderr)
+    rate = f"{steps / (times[-1] - times[0]):.1f} tokens/s" if steps > 0 else "n/a"
+    n = prompt_len if prompt_len is not None else sampler.prompt_len
+    print(f"prefill: {n} tokens in {times[0] - t0:.3f} s; decode: {steps} steps at {rate}" if times else
+          "no tokens generated", file=sys.stderr)
     return streamer.ids
 
 

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import torch.nn.functional as F
 import torch
 import transformers  # the parity oracle: a hard requirement of the test suite
 from PIL import Image, ImageOps
@@ -709,3 +710,336 @@ def test_process_dino_image_nearest_downscale_first():
     print(f"process_dino_image 900x700 (NEAREST to 512x398 first): max|diff| = {diff:.3g}")
     assert diff <= 1e-6, f"pixel values differ by {diff} after the NEAREST pre-downscale"
     assert not torch.allclose(ours, _hf_dino_pixels(img)), "the pre-downscale must change the result"
+
+
+# -----------------------------------------------------------------------------
+# vpt.py: vocabulary, regions, projector, training forward, mask modeling, sampler, checkpoints
+
+import vpt  # noqa: E402  (kept with its tests)
+
+
+@pytest.fixture(scope="module")
+def vpt_dir(chat_dir, dino_dir, tmp_path_factory):
+    """A tiny VPT checkpoint started from the tiny Qwen2-VL and DINOv2 with vpt.from_base, plus records and images."""
+    model, tok, img_cfg = vpt.from_base(str(chat_dir), "dino", str(dino_dir))
+    torch.manual_seed(3)
+    with torch.no_grad():  # a larger std, so that every detail of the wiring shows in the numbers
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    d = tmp_path_factory.mktemp("vpt")
+    vpt.save(model, tok, ImageConfig(max_pixels=112 * 112), d)
+    Image.fromarray(_rgb(200, 260, seed=5)).save(d / "a.png")
+    act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
+    records = [
+        {"messages": [{"role": "user", "content": "<image>\nWhat is in the picture?"},
+                      {"role": "assistant", "content": act}, {"role": "user", "content": "<detection_image>"},
+                      {"role": "assistant", "content": "Now answer the question.\nA small boat."}],
+         "images": ["a.png"], "detection_images": ["a.png"]},
+        {"messages": [{"role": "user", "content": "<image>\nWhere is the dog?"},
+                      {"role": "assistant", "content": vpt.region_text((1, 2, 3, 4))},
+                      {"role": "user", "content": "<image>"},
+                      {"role": "assistant", "content": "Now answer the question.\nIn the top left corner."}],
+         "images": ["a.png", "a.png_20,30,120,150"]},
+        {"messages": [{"role": "user", "content": "<image>\nDescribe this image."},
+                      {"role": "assistant", "content": "The cat sits on the red mat."}], "images": ["a.png"]},
+        {"messages": [{"role": "user", "content": "<image>\nHow many people are there?"},
+                      {"role": "assistant", "content": act}, {"role": "user", "content": "<detection_image>"},
+                      {"role": "assistant", "content": "Now answer the question.\nThere are 12 people."}],
+         "images": ["a.png"], "detection_images": ["a.png"]},
+    ]
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return d
+
+
+def vpt_batch(d, mask_prob=0.0):
+    model, tok, img_cfg = vpt.from_pretrained(str(d))
+    T = model.tokens
+    ds = data.VPTDataset(str(d / "records.jsonl"), tok, img_cfg, "dino", T.pad, T.act)
+    b = data.collate([ds[i] for i in range(len(ds))], tok.endoftext_id, tok.image_pad_id, 2, mask_prob)
+    return model, tok, b
+
+
+def test_vpt_token_ids_follow_the_authors_order(tmp_path):
+    # a stand-in for the real Qwen2 tokenizer: 151643 regular tokens, then the 14 Qwen specials
+    vocab = {f"t{i}": i for i in range(151643)}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tk.add_special_tokens(QWEN_SPECIALS)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    assert len(tok) == 151657
+    for enc, p in (("dino", "detection"), ("clip", "clip")):
+        t = Tokenizer(tmp_path)
+        ids = vpt.add_tokens(t, enc)
+        assert ids.pad == 151657 and ids.region_start == 151658 and ids.region_end == 151659
+        assert ids.xs == tuple(range(151660, 151668)) and ids.ys == tuple(range(151668, 151676))
+        assert (ids.act_start, ids.act, ids.act_end) == (151676, 151677, 151678)
+        assert t.token_to_id(f"<|{p}_action|>") == 151677
+        assert vpt.add_tokens(t, enc) == ids, "adding the tokens again must not move them"
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2])
+def test_regions_round_trip(margin):
+    W, H, k = 640, 480, 8
+    for cx1 in range(k):
+        for cx2 in range(cx1, k):
+            for cy1, cy2 in ((0, 0), (2, 5), (cx1 % k, k - 1)):
+                box = vpt.cells_to_box([cx1, cx2], [cy1, cy2], W, H, k, margin)
+                widened = (max(cx1 - margin, 0), max(cy1 - margin, 0), min(cx2 + margin, k - 1), min(cy2 + margin, k - 1))
+                assert vpt.box_to_cells(box, W, H, k) == widened, (cx1, cy1, cx2, cy2, margin, box)
+    # a pixel box becomes the cells of its corners, and the group's text parses back
+    assert vpt.box_to_cells((130, 190, 170, 230), 448, 448) == (2, 3, 3, 4)
+    assert vpt.parse_regions(vpt.region_text((2, 3, 3, 4))) == [([2, 3], [3, 4])]
+
+
+def test_parse_regions_skips_malformed_groups():
+    s, e = "<|region_token_start|>", "<|region_token_end|>"
+    assert vpt.parse_regions(f"{s}<|x_1|><|x_2|>{e}") == []  # no y cell
+    assert vpt.parse_regions(f"{s}<|x_1|><|y_2|>") == []  # unterminated
+    assert vpt.parse_regions(f"{s}{e}") == []
+    assert vpt.parse_regions(f"a{s}<|x_1|><|y_2|><|x_3|>{e} b {s}<|y_0|><|x_7|>{e}") == [([1, 3], [2]), ([7], [0])]
+
+
+def test_projector_hand_computed():
+    p = vpt.ControlProjector(2, 2)
+    with torch.no_grad():
+        p.linear_feature.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        p.linear_feature.bias.copy_(torch.tensor([0.0, 1.0]))
+        p.linear_condition.weight.copy_(torch.eye(2))
+        p.linear_condition.bias.zero_()
+    f = torch.tensor([[3.0, 1.0], [1.0, 3.0]])  # LayerNorm(eps 1e-5) -> about (1, -1) and (-1, 1)
+    h = torch.tensor([[5.0, 1.0]])  # LayerNorm -> about (1, -1)
+    n = 1 / (1 + 1e-5) ** 0.5
+    f1 = torch.tensor([[n, 1 - 2 * n], [-n, 1 + 2 * n]])  # f' = W LN(f) + b
+    c = torch.tensor([n, -n])
+    want = f1 + (f1 @ c)[:, None] * c  # f' + (f'.c) c: for row 0, (n^2 - n + 2n^2) c
+    got = p(f, h, torch.zeros(2, dtype=torch.long))
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    assert torch.allclose(p(f), f1, atol=1e-6), "without a control vector the projector is Linear(LayerNorm(f))"
+
+
+@pytest.mark.parametrize("mask_prob", [0.0, 1.0])
+def test_one_pass_training_forward_equals_two_passes(vpt_dir, mask_prob):
+    model, tok, b = vpt_batch(vpt_dir, mask_prob)
+    grads, losses = [], []
+    for fwd in (model.forward, model.forward_two_pass):
+        model.zero_grad()
+        _, loss = fwd(b, b["targets"])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1])
+    assert any(n.startswith("detection_projector.linear_condition") for n in grads[0]), "the gate must be trained"
+    gdiff = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
+    print(f"mask_prob {mask_prob}: loss {losses[0]:.6f} vs {losses[1]:.6f}, max grad diff {gdiff:.2e}")
+    assert abs(losses[0] - losses[1]) <= 1e-5 and gdiff <= 1e-5
+
+
+def test_mask_modeling_hides_the_first_user_turn(vpt_dir):
+    """With the mask on, everything from the end of the first user turn on sees its question and image only
+    through the control vector: given the same control vector, changed question or image tokens change nothing."""
+    model, tok, a = vpt_batch(vpt_dir, mask_prob=1.0)
+    row = 0  # a re-encoding sample
+    span = model.first_user_turn(a["input_ids"])[row]
+    b = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in a.items()}
+    q = span & (a["input_ids"][row] != tok.image_pad_id) & (a["input_ids"][row] < 300)  # question text tokens
+    b["input_ids"][row, q] = (b["input_ids"][row, q] + 7) % 300
+    n0 = int(a["image_grid_thw"][0].prod())
+    b["pixel_values"] = a["pixel_values"].clone()
+    b["pixel_values"][:n0] = torch.randn(n0, a["pixel_values"].size(1))  # the first image, seen by row 0 only
+    losses = {}
+    with torch.no_grad():
+        h_a, control, cache_a, plan = model.prefix(a)
+        for name, batch, with_mask in (("a", a, True), ("b", b, True), ("b unmasked", b, False)):
+            batch = {**batch, "mask_modeling": batch["mask_modeling"] & with_mask}
+            h, _, cache, plan = model.prefix(batch)
+            hidden = model.suffix(batch, plan, control, cache, h)  # the control vector of batch a throughout
+            logits = model.lm_head(hidden[row])
+            losses[name] = F.cross_entropy(logits, a["targets"][row], ignore_index=-100).item()
+    print(f"answer loss: {losses}")
+    assert abs(losses["a"] - losses["b"]) <= 1e-6, "the masked answer must not see the question or image"
+    assert abs(losses["a"] - losses["b unmasked"]) > 1e-5, "without the mask the change must show (non-vacuous)"
+
+
+def transcript_logits(model, sampler):
+    """A fresh prefill of the sampler's whole transcript through the training forward: last position's logits."""
+    ids = torch.tensor([sampler.ids])
+    views = [data.limit_side(sampler.original, model.vcfg.image_resolution)]
+    views += [data.limit_side(sampler.original.crop(r.box), model.vcfg.image_resolution)
+              for r in sampler.rounds if r.kind == "region"]
+    pv, grid = process_images(views, sampler.img_cfg)
+    extra = None
+    if any(r.kind == "reencode" for r in sampler.rounds):
+        extra = process_dino_image(views[0], model.vcfg.image_resolution)[None]
+    pos, _ = M.get_rope_index(ids, grid, None, model.cfg.image_token_id)
+    batch = dict(input_ids=ids, padding_mask=torch.ones_like(ids), position_ids=pos, pixel_values=pv,
+                 image_grid_thw=grid, extra=extra)
+    with torch.no_grad():
+        return model(batch)[0][0, -1]
+
+
+@pytest.mark.parametrize("mode", ["region", "reencode"])
+def test_sampler_cache_equals_fresh_prefill(vpt_dir, mode):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    s = vpt.Sampler(model, tok, img_cfg, mode, max_new_tokens=12)
+    out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
+    T = model.tokens
+    assert len(s.rounds) == 1 and s.rounds[0].kind == mode
+    if mode == "region":
+        assert out[0] == T.region_start and out[5] == T.region_end
+        xs, ys = s.rounds[0].cells
+        assert xs[0] <= xs[1] and ys[0] <= ys[1]
+    else:
+        assert out[0] == T.act_start and T.act in s.ids and T.pad in s.ids
+    diff = (transcript_logits(model, s) - s.logits[0]).abs().max().item()
+    print(f"{mode}: cached vs fresh-prefill logits {diff:.2e}")
+    assert diff <= 1e-5, f"{mode}: the continued cache differs from a fresh prefill by {diff}"
+
+
+def test_free_sampling_never_emits_an_invalid_group(vpt_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    T = model.tokens
+    head = model.lm_head
+
+    class Boost(torch.nn.Module):  # makes the round-starting tokens likely, so that many groups are sampled
+        weight = head.weight
+
+        def forward(self, h):
+            logits = head(h)
+            logits[..., [T.region_start, T.act_start]] += 8.0
+            return logits
+
+    model.lm_head = Boost()
+    seen = 0
+    for seed in range(12):
+        s = vpt.Sampler(model, tok, img_cfg, "free", max_rounds=1, max_new_tokens=8, temperature=1.5,
+                        generator=torch.Generator().manual_seed(seed))
+        out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
+        assert len(s.rounds) <= 1
+        assert T.act not in out and T.act_end not in out and T.pad not in out, "forced tokens are never sampled"
+        for r in s.rounds:
+            seen += r.kind == "region"
+            if r.kind == "region":
+                (x0, x1), (y0, y1) = r.cells
+                assert x0 <= x1 and y0 <= y1 and r.box[0] < r.box[2] and r.box[1] < r.box[3]
+        if T.region_start in out and not s.rounds:  # cut off by max_new_tokens inside the group: no round
+            assert T.region_end not in out
+    assert seen > 0, "no region was sampled: the test checked nothing"
+
+
+def test_sampler_off_mode_and_incomplete_group(vpt_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    T = model.tokens
+    s = vpt.Sampler(model, tok, img_cfg, "off", max_new_tokens=10)
+    assert not set(s.generate(vpt_dir / "a.png", "Where?")) & T.perception() and not s.rounds
+    s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=3)  # stops inside the group
+    out = list(s.generate(vpt_dir / "a.png", "Where?"))
+    assert out[0] == T.region_start and len(out) == 3 and not s.rounds
+
+
+def test_sample_cli_vpt_region_with_viz(vpt_dir, tmp_path, capsys):
+    import sample
+    viz = tmp_path / "viz.png"
+    sample.main(["--init_from", str(vpt_dir), "--image", str(vpt_dir / "a.png"), "--prompt", "Where is the dog?",
+                 "--vpt", "region", "--max_new_tokens", "10", "--device", "cpu", "--save_viz", str(viz)])
+    out, err = capsys.readouterr()
+    assert "<|region_token_start|>" in err and "region: x cells" in err and "<|region_token" not in out
+    img = np.array(Image.open(viz))
+    assert ((img[..., 0] == 255) & (img[..., 1] == 0) & (img[..., 2] == 0)).sum() > 50, "no red box drawn"
+
+
+def write_authors_checkpoint(src_dir, dst, encoder="dino", shards=1, tied_extra_head=False):
+    """Rewrites one of our checkpoints in the authors' layout: pytorch_model*.bin, a flat 4.45-style config with
+    model_type qwen2_vl_vpt and vision_encoder_ls, no DINOv2 config, and for clip the projector's unused layers."""
+    sd = load_file(os.path.join(src_dir, "model.safetensors"))
+    cfg = json.loads(open(os.path.join(src_dir, "config.json")).read())
+    del cfg["vpt"]
+    cfg["rope_scaling"] = {"mrope_section": cfg["rope_scaling"]["mrope_section"], "rope_type": "default",
+                           "type": "default"}
+    if encoder == "clip":
+        sd = {k: v for k, v in sd.items() if not k.startswith(("detection_", "detection_model."))}
+        H = cfg["hidden_size"]
+        for name, shape in (("layernorm_feature.weight", (H,)), ("layernorm_feature.bias", (H,)),
+                            ("linear_feature.weight", (H, H)), ("linear_feature.bias", (H,)),
+                            ("layernorm_condition.weight", (H,)), ("layernorm_condition.bias", (H,)),
+                            ("linear_condition.weight", (H, H)), ("linear_condition.bias", (H,))):
+            sd["clip_projector." + name] = torch.randn(shape) * 0.05
+        cfg.update(vision_encoder_ls=["clip"], detection_image_token_id=None, detection_action_id=None,
+                   detection_action_start_id=None)
+    if tied_extra_head:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 0.01
+    os.makedirs(dst, exist_ok=True)
+    keys = sorted(sd)
+    chunks = [keys[i::shards] for i in range(shards)]
+    names = ["pytorch_model.bin"] if shards == 1 else [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+                                                        for i in range(shards)]
+    for name, ks in zip(names, chunks):
+        torch.save({k: sd[k] for k in ks}, os.path.join(dst, name))
+    if shards > 1:
+        json.dump({"weight_map": {k: n for n, ks in zip(names, chunks) for k in ks}},
+                  open(os.path.join(dst, "pytorch_model.bin.index.json"), "w"))
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+    tok = Tokenizer(src_dir)
+    if encoder == "clip":
+        vpt.add_tokens(tok, "clip")  # their clip tokenizer holds <|clip_image_pad|> and <|clip_action*|>
+    tok.save(dst)
+    return sd
+
+
+def test_authors_checkpoints_load_strictly(vpt_dir, tmp_path):
+    ours, _, _ = vpt.from_pretrained(str(vpt_dir))
+    model, tok, b = vpt_batch(vpt_dir)
+    with torch.no_grad():
+        ref = ours(b)[0]
+    for shards in (1, 3):
+        d = tmp_path / f"det-{shards}"
+        write_authors_checkpoint(vpt_dir, d, shards=shards)
+        theirs, _, _ = vpt.from_pretrained(str(d))
+        assert theirs.vcfg.dino == ours.vcfg.dino, "DINOv2 config read off the tensors"
+        with torch.no_grad():
+            diff = (theirs(b)[0] - ref).abs().max().item()
+        assert diff == 0.0, f"{shards} shard(s): logits differ by {diff}"
+    # tied 2B with a separate lm_head tensor: the authors' strict=False load leaves that matrix in place
+    d = tmp_path / "tied-extra-head"
+    sd = write_authors_checkpoint(vpt_dir, d, tied_extra_head=True)
+    theirs, _, _ = vpt.from_pretrained(str(d))
+    assert torch.equal(theirs.model.embed_tokens.weight, sd["lm_head.weight"])
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
+    # clip: its projector's feature layers exist in the file and are ignored, everything else loads
+    d = tmp_path / "clip"
+    write_authors_checkpoint(vpt_dir, d, encoder="clip")
+    clip, ctok, _ = vpt.from_pretrained(str(d))
+    assert clip.vcfg.encoder == "clip" and not hasattr(clip, "detection_model")
+    assert clip.tokens.pad == ctok.token_to_id("<|clip_image_pad|>")
+    # a missing key is an error naming it
+    d = tmp_path / "broken"
+    write_authors_checkpoint(vpt_dir, d)
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    del sd["detection_projector.linear_condition.weight"]
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(KeyError, match="missing.*detection_projector.linear_condition.weight"):
+        vpt.from_pretrained(str(d))
+
+
+def test_save_load_round_trip_and_plain_checkpoint_refused(vpt_dir, tmp_path, chat_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    vpt.save(model, tok, img_cfg, tmp_path / "again")
+    again, tok2, img2 = vpt.from_pretrained(str(tmp_path / "again"))
+    assert img2 == img_cfg and len(tok2) == len(tok) and again.tokens == model.tokens
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    assert not [f for f in os.listdir(tmp_path / "again") if f.endswith(".tmp")], "temporary files left behind"
+    with pytest.raises(ValueError, match="not a VPT checkpoint"):
+        vpt.from_pretrained(str(chat_dir))
+
+
+def test_new_vpt_model_from_base(vpt_dir, chat_dir, dino_dir):
+    model, tok, _ = vpt.from_base(str(chat_dir), "dino", str(dino_dir))
+    base = M.from_pretrained(str(chat_dir))
+    assert len(tok) == model.cfg.vocab_size > base.cfg.vocab_size or len(tok) <= base.cfg.vocab_size
+    n = base.cfg.vocab_size
+    assert torch.equal(model.model.embed_tokens.weight[:n], base.model.embed_tokens.weight)
+    if model.cfg.vocab_size > n:  # grown rows start at the mean embedding
+        assert torch.allclose(model.model.embed_tokens.weight[n:], base.model.embed_tokens.weight.mean(0).expand(
+            model.cfg.vocab_size - n, -1), atol=1e-6)
+    dino = M.dino_from_pretrained(str(dino_dir))
+    assert all(torch.equal(a, b) for a, b in zip(model.detection_model.parameters(), dino.parameters()))

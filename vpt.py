@@ -1,0 +1,591 @@
+"""
+What the VPT paper (arXiv 2502.17425) adds to Qwen2-VL: the perception-token vocabulary, regions <-> boxes on a k x k
+grid, the control projector, the VPT model (a training forward with one LLM pass, mask modeling as an attention mask),
+the multi-round sampler (one KV cache for the whole answer) and the authors' checkpoint layout.
+Facts about the authors' code: ../shared/reference/vpt.md (section numbers below refer to it).
+
+Shape legend: B batch, T tokens, P prefix tokens (up to the control vector), Q suffix tokens, C LLM width,
+S re-encoded feature tokens of one image, Cf extra-encoder width, N images.
+"""
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model as M
+
+# the extra encoder's name in the authors' token and parameter names
+PREFIX = {"dino": "detection", "clip": "clip"}
+REGION_TRIGGER = "Identify the region that can help you answer the question, and then answer the question"
+REENCODE_TRIGGER = "Require additional perception features, and then answer the question"
+
+# -----------------------------------------------------------------------------
+# vocabulary (vpt.md 1.1)
+
+
+def token_strings(encoder="dino", k=8):
+    """(special pad token, plain tokens) in the order the authors add them, so ids match their checkpoints."""
+    p = PREFIX[encoder]
+    plain = ["<|region_token_start|>", "<|region_token_end|>", *[f"<|x_{i}|>" for i in range(k)],
+             *[f"<|y_{i}|>" for i in range(k)], f"<|{p}_action_start|>", f"<|{p}_action|>", f"<|{p}_action_end|>"]
+    return f"<|{p}_image_pad|>", plain
+
+
+@dataclass
+class Tokens:
+    """Ids of the perception tokens."""
+    pad: int
+    region_start: int
+    region_end: int
+    xs: tuple
+    ys: tuple
+    act_start: int
+    act: int
+    act_end: int
+    im_start: int  # the chat-turn markers, which mask modeling and the sampler need too
+    im_end: int
+
+    @classmethod
+    def of(cls, tok, encoder="dino", k=8):
+        pad, plain = token_strings(encoder, k)
+        ids = [tok.token_to_id(t) for t in plain]
+        return cls(tok.token_to_id(pad), ids[0], ids[1], tuple(ids[2:2 + k]), tuple(ids[2 + k:2 + 2 * k]), *ids[-3:],
+                   tok.im_start_id, tok.im_end_id)
+
+    def perception(self):
+        """Every perception token id."""
+        return {self.pad, self.region_start, self.region_end, *self.xs, *self.ys, self.act_start, self.act,
+                self.act_end}
+
+
+def add_tokens(tok, encoder="dino", k=8):
+    """Adds the 1 + 2k + 5 perception tokens (those not there yet) and returns their ids. With the real Qwen2
+    tokenizer they get 151657..151678, which are spare rows of the embedding (vpt.md 1.2)."""
+    pad, plain = token_strings(encoder, k)
+    tok.add_tokens([pad], special=True)  # special: skipped when decoding, like <|image_pad|>
+    tok.add_tokens(plain)  # plain: they stay in decoded text, where the authors' harness parses them
+    return Tokens.of(tok, encoder, k)
+
+
+# -----------------------------------------------------------------------------
+# regions (vpt.md 3)
+
+
+def box_to_cells(box, W, H, k=8):
+    """Pixel box (x1, y1, x2, y2), x2/y2 exclusive -> grid cells (cx1, cy1, cx2, cy2) of its top-left and
+    bottom-right pixels."""
+    x1, y1, x2, y2 = box
+    cell = lambda v, size: min(int(v * k / size), k - 1)
+    return cell(x1, W), cell(y1, H), cell(x2 - 1, W), cell(y2 - 1, H)
+
+
+def cells_to_box(xs, ys, W, H, k=8, margin=1):
+    """Cells of one region group -> pixel crop box on the original W x H image: min/max cells widened by `margin`
+    cells, clipped to the grid (mirrors the authors' evaluation, EVAL:115-156)."""
+    x0, x1 = max(min(xs) - margin, 0), min(max(xs) + margin, k - 1)
+    y0, y1 = max(min(ys) - margin, 0), min(max(ys) + margin, k - 1)
+    return int(x0 * W / k), int(y0 * H / k), int((x1 + 1) * W / k), int((y1 + 1) * H / k)
+
+
+def region_text(cells):
+    cx1, cy1, cx2, cy2 = cells
+    return f"<|region_token_start|><|x_{cx1}|><|y_{cy1}|><|x_{cx2}|><|y_{cy2}|><|region_token_end|>"
+
+
+REGION_RE = re.compile(r"<\|region_token_start\|>((?:<\|[xy]_\d+\|>)+)<\|region_token_end\|>")
+
+
+def parse_regions(text):
+    """Every complete region group in decoded text -> list of (xs, ys); a group without both an x and a y cell is
+    malformed and skipped, an unterminated one never matches (the authors' regex, EVAL:43-59)."""
+    groups = []
+    for m in REGION_RE.finditer(text):
+        cells = re.findall(r"<\|([xy])_(\d+)\|>", m.group(1))
+        xs = [int(v) for a, v in cells if a == "x"]
+        ys = [int(v) for a, v in cells if a == "y"]
+        if xs and ys:
+            groups.append((xs, ys))
+    return groups
+
+
+# -----------------------------------------------------------------------------
+# the control projector (vpt.md 2.4)
+
+
+class ControlProjector(nn.Module):
+    """Features -> LLM width, modulated by the control vector: f' = Linear(LayerNorm(f)), c = Linear(LayerNorm(h)),
+    out = f' + (f'.c) c. The paper calls it cross-attention; with a single key and value (c) a softmax over one key
+    would be constant 1, so the score is the raw dot product, as in the authors' code. Without a control vector
+    (the alignment stage) out = f'. in_dim None (the clip variant): the features already live in the LLM space and
+    f' = f."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        if in_dim is not None:
+            self.layernorm_feature = nn.LayerNorm(in_dim)
+            self.linear_feature = nn.Linear(in_dim, dim)
+        self.layernorm_condition = nn.LayerNorm(dim)
+        self.linear_condition = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if hasattr(self, "linear_feature"):
+            nn.init.xavier_uniform_(self.linear_feature.weight)  # the authors' init (MODEL:65-86)
+            nn.init.zeros_(self.linear_feature.bias)
+        # near a no-op: |c| ~ 0.1, so the gate moves f' by about 1 %. An exact no-op (c = 0) would never learn: the
+        # gate is quadratic in c, so its gradient vanishes there. (The authors' xavier init gives |c| ~ sqrt(C).)
+        nn.init.normal_(self.linear_condition.weight, std=0.1 / self.linear_condition.in_features)
+        nn.init.zeros_(self.linear_condition.bias)
+
+    def forward(self, f, h=None, owner=None):
+        """f (N*S, Cf) feature rows; h (N, C) control vectors; owner (N*S,) the control row of each feature row."""
+        if hasattr(self, "linear_feature"):
+            f = self.linear_feature(self.layernorm_feature(f))  # (N*S, C)
+        if h is None:
+            return f
+        c = self.linear_condition(self.layernorm_condition(h))[owner]  # (N*S, C)
+        return f + (f * c).sum(-1, keepdim=True) * c
+
+
+# -----------------------------------------------------------------------------
+# the VPT model
+
+
+@dataclass
+class VPTConfig:
+    encoder: str = "dino"  # "dino": DINOv2 re-encodes the image; "clip": Qwen's own ViT does
+    grid: int = 8  # k: region cells per side
+    region_margin: int = 1  # cells added around a selected region before cropping (the authors' evaluation)
+    image_resolution: int = 512  # long side limit of every image fed to the model, NEAREST (vpt.md 2.3)
+    dino: M.DinoConfig = field(default_factory=M.DinoConfig)
+
+    def __post_init__(self):
+        if isinstance(self.dino, dict):
+            self.dino = M.DinoConfig(**self.dino)
+        assert self.encoder in PREFIX, f"encoder must be one of {list(PREFIX)}, not {self.encoder!r}"
+
+
+class VPT(M.Qwen2VL):
+    """Qwen2-VL + an extra encoder and its control projector. Parameter names are the authors': detection_model.*,
+    detection_projector.* (DINOv2) or clip_projector.* (clip)."""
+
+    def __init__(self, cfg, vcfg, tokens):
+        super().__init__(cfg)
+        self.vcfg, self.tokens = vcfg, tokens
+        if vcfg.encoder == "dino":
+            self.detection_model = M.Dinov2Model(vcfg.dino)
+        setattr(self, f"{PREFIX[vcfg.encoder]}_projector", self.projector_for(vcfg, cfg))
+        self.apply(M.init_weights)
+        self.projector.reset_parameters()
+
+    @staticmethod
+    def projector_for(vcfg, cfg):
+        return ControlProjector(vcfg.dino.hidden_size if vcfg.encoder == "dino" else None, cfg.hidden_size)
+
+    @property
+    def projector(self):
+        return self.detection_projector if self.vcfg.encoder == "dino" else self.clip_projector
+
+    def extra_features(self, extra):
+        """The re-encoded images -> ((N*S, Cf) feature rows, (N,) rows per image). extra: DINOv2 pixels (N, 3, 224,
+        224), or for clip a (pixel_values, image_grid_thw) pair run through Qwen's own ViT."""
+        if self.vcfg.encoder == "dino":
+            f = self.detection_model.patch_features(extra)  # (N, S, Cf)
+            return f.flatten(0, 1), torch.full((f.size(0),), f.size(1), device=f.device)
+        pixel_values, grid = extra
+        return self.visual(pixel_values, grid), grid.prod(-1) // self.cfg.vision.spatial_merge_size ** 2
+
+    def first_user_turn(self, input_ids):
+        """(B, T) bool: the tokens strictly between the 2nd <|im_start|> and the 2nd <|im_end|>, i.e. the first user
+        turn's role text, image and question (the span the authors' mask_para_* zeroes, vpt.md 4.1)."""
+        starts = (input_ids == self.tokens.im_start).cumsum(1)
+        ends = (input_ids == self.tokens.im_end).cumsum(1)
+        return (starts == 2) & (ends == 1) & (input_ids != self.tokens.im_start)
+
+    def forward(self, batch, targets=None):
+        """Training forward over a collated batch (data.collate) -> (logits, loss). One LLM pass in two pieces."""
+        h, control, cache, plan = self.prefix(batch)
+        hidden = self.suffix(batch, plan, control, cache, h)
+        return self.head(hidden, targets)
+
+    def plan(self, batch):
+        """Where each row splits: the control vector is the final hidden state at <|*_action_start|> (vpt.md 2.5),
+        which depends only on the tokens up to it. So the prefix [0, act) runs once, and the suffix from `split`
+        on continues from its keys and values, with the control vector as the <|*_action|> embedding. Mask-modeled
+        rows start their suffix at the end of the first user turn instead, recomputing the few header tokens in
+        between without sight of that turn."""
+        ids = batch["input_ids"]
+        B, T = ids.shape
+        is_act = ids == self.tokens.act
+        if int(is_act.sum(1).max()) > 1:
+            raise ValueError("a sample has more than one control token; the projector pairs one per image")
+        has_act = is_act.any(1)
+        act = torch.where(has_act, is_act.float().argmax(1), torch.full_like(has_act, T, dtype=torch.long))
+        P = int(act[has_act].max()) if has_act.any() else T
+        masked = batch.get("mask_modeling", torch.zeros_like(has_act)) & has_act
+        span = self.first_user_turn(ids) & masked[:, None]  # (B, T) keys the suffix may not see
+        turn_end = torch.where(span.any(1), T - span.flip(1).float().argmax(1), act)  # first index after the span
+        split = torch.where(masked, turn_end, torch.where(has_act, act, torch.full_like(act, P).clamp(max=T)))
+        return dict(act=act, has_act=has_act, P=P, split=split, span=span)
+
+    def prefix(self, batch):
+        ids, pad, pos = batch["input_ids"], batch["padding_mask"], batch["position_ids"]
+        plan = self.plan(batch)
+        P = plan["P"]
+        x = self.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (B, T, C)
+        cache = GradCache()
+        # the prefix is the same window [0, P) for every row: a row's keys past its own split are hidden from its
+        # suffix, and rows without a control token continue from P
+        h_prefix = self.model(x[:, :P], pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
+        rows = plan["has_act"].nonzero().squeeze(1)
+        control = h_prefix[rows, plan["act"][rows] - 1]  # (N, C): the hidden state at <|*_action_start|>
+        return (x, h_prefix), control, cache, plan
+
+    def suffix(self, batch, plan, control, cache, h):
+        """Runs tokens [split, T) of each row on top of the prefix cache and returns all (B, T, C) hidden states."""
+        (x, h_prefix), ids, pad, pos = h, batch["input_ids"], batch["padding_mask"], batch["position_ids"]
+        B, T, C = x.shape
+        P, split = plan["P"], plan["split"]
+        # the control vector becomes the <|*_action|> input embedding, and it conditions the re-encoded features
+        # that fill the <|*_image_pad|> slots (vpt.md 2.5 pass 2)
+        x = x.clone()
+        rows = plan["has_act"].nonzero().squeeze(1)
+        x[rows, plan["act"][rows]] = control.to(x.dtype)
+        if batch.get("extra") is not None:
+            f, counts = self.extra_features(batch["extra"])
+            owner = torch.arange(len(counts), device=x.device).repeat_interleave(counts)
+            slots = ids == self.tokens.pad
+            if int(slots.sum()) != f.size(0) or len(counts) != len(control):
+                raise ValueError(f"{int(slots.sum())} pad slots, {f.size(0)} re-encoded features, {len(counts)} "
+                                 f"re-encoded images, {len(control)} control tokens: they must pair up")
+            x = x.masked_scatter(slots[..., None], self.projector(f, control, owner).to(x.dtype))
+        # gather each row's suffix into a (B, Q) window
+        Q = int((T - split).max())
+        j = torch.arange(Q, device=x.device)[None]  # (1, Q)
+        src = (split[:, None] + j).clamp(max=T - 1)  # (B, Q) source index of each suffix slot
+        valid = (split[:, None] + j < T) & pad.gather(1, src).bool()  # (B, Q)
+        xs = x.gather(1, src[..., None].expand(B, Q, C))  # (B, Q, C)
+        ps = pos.gather(2, src[None].expand(3, B, Q))  # (3, B, Q)
+        # keys: the prefix window (P) then the suffix window (Q). A suffix query sees prefix keys before its row's
+        # split, except the first user turn of a mask-modeled row, and suffix keys causally
+        kp = torch.arange(P, device=x.device)[None]  # (1, P)
+        see_prefix = (kp < split[:, None]) & pad[:, :P].bool() & ~plan["span"][:, :P]  # (B, P)
+        causal = j.T >= j  # (Q, Q) query >= key
+        see_suffix = causal[None] & valid[:, None, :]  # (B, Q, Q)
+        mask = torch.cat([see_prefix[:, None].expand(B, Q, P), see_suffix], dim=2)  # (B, Q, P+Q)
+        mask = mask | (torch.arange(P + Q, device=x.device)[None] == P + j.T)[None]  # a query always sees itself
+        h_suffix = self.model(xs, ps, mask[:, None], cache)  # (B, Q, C)
+        # back to the (B, T) layout: position t comes from the prefix if t < split, else from suffix slot t - split
+        t = torch.arange(T, device=x.device)[None]  # (1, T)
+        idx = torch.where(t < split[:, None], t.clamp(max=P - 1), P + (t - split[:, None]).clamp(min=0, max=Q - 1))
+        both = torch.cat([h_prefix, h_suffix], dim=1)  # (B, P+Q, C)
+        return both.gather(1, idx[..., None].expand(B, T, C))
+
+    def forward_two_pass(self, batch, targets=None):
+        """The slow path the one-pass forward must equal: pass 1 over the whole sequence gives the control vector,
+        pass 2 over the whole sequence uses it (the authors' num_inner_forward_run=2), with mask modeling as a full
+        (B, 1, T, T) attention mask."""
+        ids, pad, pos = batch["input_ids"], batch["padding_mask"], batch["position_ids"]
+        T = ids.size(1)
+        plan = self.plan(batch)
+        x = self.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        h1 = self.model(x, pos, M.causal_mask(pad, T))
+        rows = plan["has_act"].nonzero().squeeze(1)
+        control = h1[rows, plan["act"][rows] - 1]
+        x = x.clone()
+        x[rows, plan["act"][rows]] = control.to(x.dtype)
+        if batch.get("extra") is not None:
+            f, counts = self.extra_features(batch["extra"])
+            owner = torch.arange(len(counts), device=x.device).repeat_interleave(counts)
+            x = x.masked_scatter((ids == self.tokens.pad)[..., None], self.projector(f, control, owner).to(x.dtype))
+        mask = M.causal_mask(pad, T)  # (B, 1, T, T)
+        after = torch.arange(T, device=ids.device)[None] >= plan["split"][:, None]  # (B, T) queries past the split
+        barred = after[:, :, None] & plan["span"][:, None, :]  # (B, T, T)
+        return self.head(self.model(x, pos, mask & ~barred[:, None]), targets)
+
+
+class GradCache:
+    """A KV cache that autograd can see through (training): keeps each layer's keys and values and concatenates new
+    ones, where KVCache writes into a preallocated buffer for decoding."""
+
+    def __init__(self):
+        self.k, self.v, self.pos = {}, {}, 0
+
+    def update(self, layer, k, v):
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)  # (B, nkv, S, hs)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def advance(self, T):
+        self.pos += T
+
+
+# -----------------------------------------------------------------------------
+# the multi-round sampler (vpt.md 6, done with one KV cache instead of the authors' second from-scratch prompt)
+
+MODES = ("off", "free", "region", "reencode")
+
+
+@dataclass
+class Round:
+    """One perception round, for stderr, --save_viz and evaluation."""
+    kind: str  # "region" or "reencode"
+    cells: tuple = None  # (xs, ys) grid cells of a region
+    box: tuple = None  # its crop box in original-image pixels
+
+
+class Sampler:
+    """Answers one question about one image, perception rounds included, on a single KV cache. A state machine in
+    the manner of nanochat's engine: state "text" samples freely (minus what the mode forbids); a sampled
+    <|region_token_start|> enters state "region", which constrains the next four tokens to x, y, x >= x0, y >= y0
+    and then <|region_token_end|>, so no invalid box can come out; a completed group appends the crop as a new user
+    turn. A sampled <|*_action_start|> is fed to get its hidden state h, then h is fed as <|*_action|> and the
+    re-encoded turn follows. Appended turns are prefilled as one chunk on top of the cache; nothing already in
+    the cache is computed again."""
+
+    def __init__(self, model, tok, img_cfg, mode="free", max_rounds=1, max_new_tokens=256, temperature=0.0,
+                 top_k=None, top_p=None, generator=None):
+        assert mode in MODES, f"--vpt must be one of {MODES}"
+        self.model, self.tok, self.img_cfg, self.mode, self.max_rounds = model, tok, img_cfg, mode, max_rounds
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.max_new_tokens = max_new_tokens
+        self.T = model.tokens
+        self.stop = {tok.im_end_id, tok.endoftext_id}
+
+    def prompt(self, question):
+        trigger = {"region": REGION_TRIGGER, "reencode": REENCODE_TRIGGER}.get(self.mode)
+        return f"{data.IMAGE_PLACEHOLDER}\n{question}" + (f"\n{trigger}" if trigger else "")
+
+    @torch.no_grad()
+    def generate(self, image, question):
+        """Yields every sampled token id; self.rounds records the perception rounds, self.ids the transcript."""
+        m, vc, T = self.model, self.model.vcfg, self.T
+        self.original = data.load_image(image)  # crops come from the full-resolution original (vpt.md 3)
+        view = data.limit_side(self.original, vc.image_resolution)
+        pixel_values, grid = data.process_images([view], self.img_cfg)
+        ids, _ = data.encode_chat(self.tok, [{"role": "user", "content": self.prompt(question)}], grid, True,
+                                  self.img_cfg.merge_size)
+        dev = m.lm_head.weight.device
+        # a round appends at most a crop (never larger than the view), the clip view (the view) or DINOv2's 256
+        # tokens, plus the turn's text
+        n_view = int(grid.prod()) // self.img_cfg.merge_size ** 2
+        budget = len(ids) + self.max_new_tokens + self.max_rounds * (max(n_view, data.DINO_TOKENS) + 32)
+        self.cache = M.KVCache(m.cfg, 1, budget, dev, m.lm_head.weight.dtype)
+        self.ids, self.rounds, self.next_pos = [], [], 0
+        self.feed(ids, pixel_values, grid)
+        state, group = "text", []
+        for _ in range(self.max_new_tokens):
+            t = int(M.sample_next(self.constrain(self.logits, state, group), **self.sampling)[0])
+            yield t
+            if state == "region":
+                if t != T.region_end:
+                    group.append(t)
+                    self.feed([t])
+                    continue
+                self.region_round(group)  # feeds <|region_token_end|> with the new turn
+                state = "text"
+            elif t in self.stop:
+                return
+            elif t == T.region_start:
+                state, group = "region", []
+                self.feed([t])
+            elif t == T.act_start:
+                self.reencode_round(view)
+            else:
+                self.feed([t])
+
+    def constrain(self, logits, state, group):
+        """Masks what may not come next (see the class docstring)."""
+        T, allowed = self.T, None
+        if state == "region":
+            x0, y0 = (T.xs.index(group[0]), T.ys.index(group[1])) if len(group) >= 2 else (0, 0)
+            allowed = [T.xs, T.ys, T.xs[x0:], T.ys[y0:], (T.region_end,)][len(group)]
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep[:, list(allowed)] = True
+            return logits.masked_fill(~keep, float("-inf"))
+        banned = set(T.perception())
+        if self.mode != "off" and len(self.rounds) < self.max_rounds:
+            if self.mode in ("region", "reencode") and not self.ids[self.prompt_len:]:
+                first = T.region_start if self.mode == "region" else T.act_start  # forced modes start the round
+                keep = torch.zeros_like(logits, dtype=torch.bool)
+                keep[:, first] = True
+                return logits.masked_fill(~keep, float("-inf"))
+            banned -= {T.region_start} if self.mode in ("free", "region") else set()
+            banned -= {T.act_start} if self.mode in ("free", "reencode") else set()
+        return logits.index_fill(1, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
+
+    def feed(self, ids, pixel_values=None, grid=None, overrides=None):
+        """Prefills ids (one token or a whole turn) on top of the cache at the next M-RoPE positions; overrides
+        {index: (n, C) embeddings} replaces the embeddings of slots (the control vector, re-encoded features).
+        Keeps the next-token logits and the last hidden state."""
+        m = self.model
+        dev = m.lm_head.weight.device
+        idt = torch.tensor([ids], device=dev)
+        x = m.embed(idt, pixel_values, grid)  # (1, n, C)
+        for where, vecs in (overrides or {}).items():
+            x[0, where] = vecs.to(x.dtype)
+        pos, _ = M.get_rope_index(idt, grid, None, m.cfg.image_token_id, m.cfg.vision.spatial_merge_size)
+        pos = pos + self.next_pos  # the chunk's positions continue from the transcript's next text position
+        self.next_pos = int(pos.max()) + 1
+        if not self.ids:
+            self.prompt_len = len(ids)
+        self.ids += list(ids)
+        self.hidden = m.model(x, pos, None, self.cache)[:, -1]  # (1, C)
+        self.logits = m.lm_head(self.hidden)  # (1, V)
+
+    def region_round(self, group):
+        """Crop the selected cells (widened by region_margin) out of the original and append it as a new user turn."""
+        T, vc = self.T, self.model.vcfg
+        xs = [T.xs.index(t) for t in group[0::2]]
+        ys = [T.ys.index(t) for t in group[1::2]]
+        W, H = self.original.size
+        box = cells_to_box(xs, ys, W, H, vc.grid, vc.region_margin)
+        crop = data.limit_side(self.original.crop(box), vc.image_resolution)
+        pv, grid = data.process_images([crop], self.img_cfg)
+        n = int(grid.prod()) // self.img_cfg.merge_size ** 2
+        turn = data.next_turn(self.tok, data.IMAGE_PLACEHOLDER, [n])
+        self.feed([T.region_end] + turn, pv.to(self.logits.device), grid.to(self.logits.device))
+        self.rounds.append(Round("region", (xs, ys), box))
+
+    def reencode_round(self, view):
+        """<|*_action_start|> -> its hidden state h is the control vector: fed as <|*_action|>, it also conditions
+        the projector over the re-encoded image, whose features fill the new user turn (vpt.md 2.5, 6.1)."""
+        m, T = self.model, self.T
+        self.feed([T.act_start])
+        h = self.hidden  # (1, C) final-normed hidden state at <|*_action_start|>
+        dev = h.device
+        if m.vcfg.encoder == "dino":
+            extra = data.process_dino_image(view, m.vcfg.image_resolution)[None].to(dev)  # (1, 3, 224, 224)
+        else:
+            pv, grid = data.process_images([view], self.img_cfg)
+            extra = (pv.to(dev), grid.to(dev))
+        f, counts = m.extra_features(extra)
+        feats = m.projector(f, h, torch.zeros(f.size(0), dtype=torch.long, device=dev))  # (S, C)
+        ph = data.EXTRA_PLACEHOLDERS[m.vcfg.encoder][0]
+        pad = self.tok.tk.id_to_token(T.pad)
+        turn = data.next_turn(self.tok, ph, extra={ph: (pad, [int(counts[0])])})
+        chunk = [T.act, T.act_end] + turn
+        slots = [i for i, t in enumerate(chunk) if t == T.pad]
+        self.feed(chunk, overrides={0: h[0], torch.tensor(slots): feats})
+        self.rounds.append(Round("reencode"))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: the authors' layout in (vpt.md 10), ours out (safetensors + config.json + tokenizer.json)
+
+WEIGHT_PATTERNS = M.HUB_PATTERNS + ["*.bin", "*.bin.index.json"]
+
+
+def read_weights(path):
+    """Safetensors (preferred) or the authors' pytorch_model*.bin, sharded or not. .bin files are read with
+    weights_only=True: a pickle from the Hub never runs code here."""
+    if any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return M.read_safetensors(path)
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    sd = {}
+    for name in files:
+        sd.update(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True, mmap=True))
+    return sd
+
+
+def config_dict(model):
+    """config.json: the flat Qwen2-VL config plus the fields the authors' class writes, plus ours under "vpt"."""
+    p, T = PREFIX[model.vcfg.encoder], model.tokens
+    return {**model.cfg.to_hf(), "model_type": "qwen2_vl_vpt", "architectures": ["VPT_Qwen2VLForConditionalGeneration"],
+            "vision_encoder_ls": [model.vcfg.encoder], f"{p}_image_token_id": T.pad, f"{p}_action_id": T.act,
+            f"{p}_action_start_id": T.act_start, "vpt": asdict(model.vcfg)}
+
+
+def save(model, tok, img_cfg, path):
+    """A checkpoint that from_pretrained and sample.py load: model.safetensors, config.json, tokenizer.json (with
+    the perception tokens), preprocessor_config.json. Each file is written under a temporary name and renamed."""
+    M.save_pretrained(model, path, config_dict(model))
+    tmp = os.path.join(path, "tokenizer.json.tmp")
+    tok.save(tmp + ".json")
+    os.replace(tmp + ".json", os.path.join(path, "tokenizer.json"))
+    img_cfg.save(path)
+
+
+def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
+    """A VPT checkpoint (the authors' released ones or ours) -> (model, tokenizer, image config)."""
+    path = M.resolve_dir(path_or_id, WEIGHT_PATTERNS)
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    if d.get("model_type") != "qwen2_vl_vpt":
+        raise ValueError(f"{path}/config.json: model_type {d.get('model_type')!r} is not a VPT checkpoint "
+                         f"(qwen2_vl_vpt); start one from a base model with vpt.from_base")
+    cfg = M.QwenConfig.from_hf(d)
+    sd = {M._rename(k): v for k, v in read_weights(path).items()}
+    if "vpt" in d:
+        vcfg = VPTConfig(**d["vpt"])
+    else:  # the authors' config holds no DINOv2 config: it is read off the tensors (vpt.md 10)
+        encoders = [e for e in d.get("vision_encoder_ls", []) if e in PREFIX]
+        if len(encoders) != 1:
+            raise ValueError(f"{path}/config.json: vision_encoder_ls {d.get('vision_encoder_ls')} must name one of "
+                             f"{list(PREFIX)} (the sam variant is not supported)")
+        dino = M.DinoConfig.from_state_dict(sd, "detection_model.") if encoders[0] == "dino" else M.DinoConfig()
+        vcfg = VPTConfig(encoder=encoders[0], dino=dino)
+    tok = data.Tokenizer(path)
+    tokens = Tokens.of(tok, vcfg.encoder, vcfg.grid)
+    p = PREFIX[vcfg.encoder]
+    for key, got in ((f"{p}_image_token_id", tokens.pad), (f"{p}_action_id", tokens.act),
+                     (f"{p}_action_start_id", tokens.act_start)):
+        if d.get(key) is not None and d[key] != got:
+            raise ValueError(f"{path}: config.json {key}={d[key]} but tokenizer.json gives {got}")
+    if vcfg.encoder == "clip":  # built by the authors' MinimalCLIPProjector, never used by its forward (MODEL:278-313)
+        for k in [k for k in sd if k.startswith(("clip_projector.layernorm_feature.", "clip_projector.linear_feature."))]:
+            del sd[k]
+    if cfg.tie_word_embeddings and "lm_head.weight" in sd:
+        # the authors load with strict=False into a tied model: lm_head.weight is copied last into the one shared
+        # matrix, so it is what their model runs with
+        sd["model.embed_tokens.weight"] = sd.pop("lm_head.weight")
+    with torch.device("meta"):
+        model = VPT(cfg, vcfg, tokens)
+    M.load_state_dict_strict(model, sd, dtype, device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval(), tok, data.ImageConfig.from_dir(path)
+
+
+def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=torch.float32, device="cpu"):
+    """A new VPT model from a base Qwen2-VL (Hub id or directory) and, for the dino variant, a facebook/dinov2-*
+    checkpoint: the perception tokens are added to the tokenizer, and the projector starts fresh."""
+    path = M.resolve_dir(base)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = M.QwenConfig.from_hf(json.load(f))
+    sd = {M._rename(k): v for k, v in M.read_safetensors(path).items()}
+    tok = data.Tokenizer(path)
+    tokens = add_tokens(tok, encoder, grid)
+    if len(tok) > cfg.vocab_size:  # only tiny vocabularies: Qwen2-VL has spare rows for all 22 tokens
+        grow = len(tok) - cfg.vocab_size
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            if k in sd:  # new rows start at the mean embedding
+                sd[k] = torch.cat([sd[k], sd[k].float().mean(0, keepdim=True).expand(grow, -1).to(sd[k].dtype)])
+        cfg = M.QwenConfig(**{**cfg.__dict__, "vocab_size": len(tok)})
+    vcfg = VPTConfig(encoder=encoder, grid=grid)
+    if encoder == "dino":
+        dpath = M.resolve_dir(dino)
+        with open(os.path.join(dpath, "config.json")) as f:
+            vcfg.dino = M.DinoConfig.from_hf(json.load(f))
+        sd.update({"detection_model." + k: v for k, v in M.read_safetensors(dpath).items()})
+    fresh = VPT.projector_for(vcfg, cfg)
+    sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
+    with torch.device("meta"):
+        model = VPT(cfg, vcfg, tokens)
+    M.load_state_dict_strict(model, sd, dtype, device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval(), tok, data.ImageConfig.from_dir(path)
