@@ -41,15 +41,15 @@ class Streamer:
     """Prints the decoded text as it grows. Decodes the whole answer each time and prints the new suffix, holding
     back a trailing partial UTF-8 character (byte-level BPE can split one across tokens)."""
 
-    def __init__(self, tok, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tok, out, [], 0
+    def __init__(self, tok):
+        self.tok, self.ids, self.printed = tok, [], 0
 
     def put(self, token_id):
         self.ids.append(token_id)
         text = self.tok.decode(self.ids)
         if not text.endswith("\ufffd"):
-            self.out.write(text[self.printed:])
-            self.out.flush()
+            sys.stdout.write(text[self.printed:])
+            sys.stdout.flush()
             self.printed = len(text)
 
 
