@@ -369,6 +369,13 @@ class VPTDataset:
     def __len__(self):
         return len(self.records)
 
+    def length_estimate(self, i):
+        """A cheap stand-in for a sample's token count, to group similar lengths into batches: characters of text
+        (about one token each in short answers) plus a typical image's tokens per image."""
+        r = self.records[i]
+        n_images = sum(len(r.get(k) or []) for k in ("images", "detection_images", "clip_images"))
+        return sum(len(m["content"]) for m in r["messages"]) + 256 * n_images
+
     def __getitem__(self, i):
         r = self.records[i]
         try:
@@ -395,10 +402,10 @@ class VPTDataset:
         return dict(input_ids=ids, labels=labels, pixel_values=pixel_values, image_grid_thw=grid, extra=extra)
 
 
-def collate(samples, pad_id, image_token_id, merge=2, mask_prob=0.0, generator=None):
+def collate(samples, pad_id, image_token_id, merge=2):
     """Samples -> one right-padded batch: input_ids, padding_mask, targets (the next token at each position, -100
-    where unsupervised), M-RoPE position_ids, the images concatenated in order, and mask_modeling, drawn per
-    sample with probability mask_prob (it only acts on samples with a control token)."""
+    where unsupervised), M-RoPE position_ids, the images concatenated in order, extra_rows (the sample of each
+    re-encoded image) and mask_modeling, all False (the trainer draws it per sample)."""
     from model import get_rope_index
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -412,6 +419,9 @@ def collate(samples, pad_id, image_token_id, merge=2, mask_prob=0.0, generator=N
     cat = lambda xs: torch.cat(xs) if xs else None
     grids = cat([s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None])
     extras = [s["extra"] for s in samples if s["extra"] is not None]
+    n_extra = [0 if s["extra"] is None else len(s["extra"][1] if isinstance(s["extra"], tuple) else s["extra"])
+               for s in samples]
+    extra_rows = torch.arange(B).repeat_interleave(torch.tensor(n_extra))  # the sample of each re-encoded image
     if extras and isinstance(extras[0], tuple):  # clip: (pixel_values, image_grid_thw) pairs
         extras = (cat([e[0] for e in extras]), cat([e[1] for e in extras]))
     else:
@@ -419,5 +429,5 @@ def collate(samples, pad_id, image_token_id, merge=2, mask_prob=0.0, generator=N
     position_ids, _ = get_rope_index(ids, grids, padding, image_token_id, merge)
     return dict(input_ids=ids, padding_mask=padding, targets=targets, position_ids=position_ids,
                 pixel_values=cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]),
-                image_grid_thw=grids, extra=extras,
-                mask_modeling=torch.rand(B, generator=generator) < mask_prob)
+                image_grid_thw=grids, extra=extras, extra_rows=extra_rows,
+                mask_modeling=torch.zeros(B, dtype=torch.bool))

@@ -532,6 +532,12 @@ class DinoConfig:
                    use_swiglu_ffn=use_swiglu_ffn, num_channels=num_channels)
 
 
+DINO_PRESETS = {
+    "dinov2-large": dict(),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1),  # CPU-sized, for tests and quick starts
+}
+
+
 class Dinov2Embeddings(nn.Module):
     def __init__(self, config: DinoConfig):
         super().__init__()

@@ -143,12 +143,14 @@ class ControlProjector(nn.Module):
         nn.init.zeros_(self.linear_condition.bias)
 
     def forward(self, f, h=None, owner=None):
-        """f (N*S, Cf) feature rows; h (N, C) control vectors; owner (N*S,) the control row of each feature row."""
+        """f (N*S, Cf) feature rows; h (K, C) control vectors; owner (N*S,) the control vector of each feature row,
+        -1 for a row that has none (an image of a sample without a control token, as in the alignment stage)."""
         if hasattr(self, "linear_feature"):
             f = self.linear_feature(self.layernorm_feature(f))  # (N*S, C)
         if h is None:
             return f
-        c = self.linear_condition(self.layernorm_condition(h))[owner]  # (N*S, C)
+        c = self.linear_condition(self.layernorm_condition(h))  # (K, C)
+        c = torch.cat([c, torch.zeros_like(c[:1])])[owner]  # (N*S, C): owner -1 picks the zero row, so out = f'
         return f + (f * c).sum(-1, keepdim=True) * c
 
 
@@ -213,6 +215,34 @@ class VPT(M.Qwen2VL):
         hidden = self.suffix(batch, plan, control, cache, h)
         return self.head(hidden, targets)
 
+    def embed_batch(self, batch, plan):
+        """Token embeddings with the images, and the re-encoded features unconditioned: right for samples without a
+        control token; the others get theirs conditioned once the control vector exists. Returns (x, features,
+        owner) with owner the control-vector index of each feature row (-1: none)."""
+        ids = batch["input_ids"]
+        x = self.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (B, T, C)
+        if batch.get("extra") is None:
+            return x, None, None
+        f, counts = self.extra_features(batch["extra"])
+        slots = ids == self.tokens.pad
+        if int(slots.sum()) != f.size(0):
+            raise ValueError(f"{int(slots.sum())} {PREFIX[self.vcfg.encoder]} pad slots but {f.size(0)} features")
+        ctl = torch.full_like(plan["act"], -1)  # (B,) control-vector index of each row
+        ctl[plan["has_act"]] = torch.arange(int(plan["has_act"].sum()), device=ids.device)
+        owner = ctl[batch["extra_rows"]].repeat_interleave(counts)  # (N*S,)
+        return x.masked_scatter(slots[..., None], self.projector(f).to(x.dtype)), f, owner
+
+    def condition(self, x, batch, control, f, owner):
+        """The control vector becomes the <|*_action|> input embedding and conditions the re-encoded features that
+        fill the <|*_image_pad|> slots (vpt.md 2.5 pass 2)."""
+        x = x.clone()
+        rows = (batch["input_ids"] == self.tokens.act).nonzero()  # (K, 2): one control token per row, in row order
+        x[rows[:, 0], rows[:, 1]] = control.to(x.dtype)
+        if f is not None:
+            slots = batch["input_ids"] == self.tokens.pad
+            x = x.masked_scatter(slots[..., None], self.projector(f, control, owner).to(x.dtype))
+        return x
+
     def plan(self, batch):
         """Where each row splits: the control vector is the final hidden state at <|*_action_start|> (vpt.md 2.5),
         which depends only on the tokens up to it. So the prefix [0, act) runs once, and the suffix from `split`
@@ -234,36 +264,26 @@ class VPT(M.Qwen2VL):
         return dict(act=act, has_act=has_act, P=P, split=split, span=span)
 
     def prefix(self, batch):
-        ids, pad, pos = batch["input_ids"], batch["padding_mask"], batch["position_ids"]
+        pad, pos = batch["padding_mask"], batch["position_ids"]
         plan = self.plan(batch)
         P = plan["P"]
-        x = self.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (B, T, C)
+        x, f, owner = self.embed_batch(batch, plan)
         cache = GradCache()
         # the prefix is the same window [0, P) for every row: a row's keys past its own split are hidden from its
         # suffix, and rows without a control token continue from P
         h_prefix = self.model(x[:, :P], pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
         rows = plan["has_act"].nonzero().squeeze(1)
-        control = h_prefix[rows, plan["act"][rows] - 1]  # (N, C): the hidden state at <|*_action_start|>
-        return (x, h_prefix), control, cache, plan
+        control = h_prefix[rows, plan["act"][rows] - 1]  # (K, C): the hidden state at <|*_action_start|>
+        return (x, h_prefix, f, owner), control, cache, plan
 
-    def suffix(self, batch, plan, control, cache, h):
+    def suffix(self, batch, plan, control, cache, state):
         """Runs tokens [split, T) of each row on top of the prefix cache and returns all (B, T, C) hidden states."""
-        (x, h_prefix), ids, pad, pos = h, batch["input_ids"], batch["padding_mask"], batch["position_ids"]
+        (x, h_prefix, f, owner), pad, pos = state, batch["padding_mask"], batch["position_ids"]
         B, T, C = x.shape
         P, split = plan["P"], plan["split"]
-        # the control vector becomes the <|*_action|> input embedding, and it conditions the re-encoded features
-        # that fill the <|*_image_pad|> slots (vpt.md 2.5 pass 2)
-        x = x.clone()
-        rows = plan["has_act"].nonzero().squeeze(1)
-        x[rows, plan["act"][rows]] = control.to(x.dtype)
-        if batch.get("extra") is not None:
-            f, counts = self.extra_features(batch["extra"])
-            owner = torch.arange(len(counts), device=x.device).repeat_interleave(counts)
-            slots = ids == self.tokens.pad
-            if int(slots.sum()) != f.size(0) or len(counts) != len(control):
-                raise ValueError(f"{int(slots.sum())} pad slots, {f.size(0)} re-encoded features, {len(counts)} "
-                                 f"re-encoded images, {len(control)} control tokens: they must pair up")
-            x = x.masked_scatter(slots[..., None], self.projector(f, control, owner).to(x.dtype))
+        if int(split.min()) >= T:  # no row continues past the prefix (no control tokens at all)
+            return h_prefix
+        x = self.condition(x, batch, control, f, owner)
         # gather each row's suffix into a (B, Q) window
         Q = int((T - split).max())
         j = torch.arange(Q, device=x.device)[None]  # (1, Q)
@@ -293,16 +313,10 @@ class VPT(M.Qwen2VL):
         ids, pad, pos = batch["input_ids"], batch["padding_mask"], batch["position_ids"]
         T = ids.size(1)
         plan = self.plan(batch)
-        x = self.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))
+        x, f, owner = self.embed_batch(batch, plan)
         h1 = self.model(x, pos, M.causal_mask(pad, T))
         rows = plan["has_act"].nonzero().squeeze(1)
-        control = h1[rows, plan["act"][rows] - 1]
-        x = x.clone()
-        x[rows, plan["act"][rows]] = control.to(x.dtype)
-        if batch.get("extra") is not None:
-            f, counts = self.extra_features(batch["extra"])
-            owner = torch.arange(len(counts), device=x.device).repeat_interleave(counts)
-            x = x.masked_scatter((ids == self.tokens.pad)[..., None], self.projector(f, control, owner).to(x.dtype))
+        x = self.condition(x, batch, h1[rows, plan["act"][rows] - 1], f, owner)
         mask = M.causal_mask(pad, T)  # (B, 1, T, T)
         after = torch.arange(T, device=ids.device)[None] >= plan["split"][:, None]  # (B, T) queries past the split
         barred = after[:, :, None] & plan["span"][:, None, :]  # (B, T, T)
@@ -466,7 +480,7 @@ class Sampler:
             pv, grid = data.process_images([view], self.img_cfg)
             extra = (pv.to(dev), grid.to(dev))
         f, counts = m.extra_features(extra)
-        feats = m.projector(f, h, torch.zeros(f.size(0), dtype=torch.long, device=dev))  # (S, C)
+        feats = m.projector(f, h, torch.zeros(f.size(0), dtype=torch.long, device=dev))  # (S, C): one image, one h
         ph = data.EXTRA_PLACEHOLDERS[m.vcfg.encoder][0]
         pad = self.tok.tk.id_to_token(T.pad)
         turn = data.next_turn(self.tok, ph, extra={ph: (pad, [int(counts[0])])})

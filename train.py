@@ -1,0 +1,443 @@
+"""
+Trains Qwen2-VL with Visual Perception Tokens, nanoGPT style: one process on a CPU or one GPU,
+    python train.py config/synth.py --device=cpu
+or DDP across GPUs and nodes with torchrun,
+    torchrun --standalone --nproc_per_node=8 train.py config/vpt_2b_det.py
+Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value.
+"""
+import ast
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import model as M
+import vpt
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    init_from: str = "scratch"  # "scratch" (model_preset), a Hub id or directory (base Qwen2-VL or VPT), or "resume"
+    model_preset: str = "tiny"  # model.PRESETS entry, for scratch
+    tokenizer: str = ""  # tokenizer.json for scratch (a base checkpoint brings its own)
+    min_pixels: int = 3136  # image processor limits for scratch (a base checkpoint brings its own)
+    max_pixels: int = 12845056
+    use_vpt: bool = True  # False trains a plain Qwen2-VL (the no-perception-token baseline)
+    encoder: str = "dino"  # extra encoder of a new VPT model: "dino" or "clip"
+    dino: str = "facebook/dinov2-large"  # its checkpoint, when starting from a base Qwen2-VL
+    dino_preset: str = "tiny"  # model.DINO_PRESETS entry, for scratch
+    # data
+    train_data: str = "data/synth/train.jsonl"
+    val_data: str = "data/synth/val.jsonl"
+    max_len: int = 2048  # longer samples are dropped whole and counted (the authors' cutoff_len)
+    mask_prob: float = 0.5  # VPT section 3.2 mask modeling, per sample with a control token
+    num_workers: int = 2  # DataLoader processes decoding images
+    # optimization
+    stage: str = "finetune"  # "align": projector feature path only; "finetune": all but the vision encoders; "all"
+    batch_size: int = 4  # micro-batch per process
+    grad_accum: int = 1  # micro-batches per step and process: global batch = batch_size * grad_accum * world size
+    max_iters: int = 1000
+    lr: float = 2e-5  # LLM and everything else trained
+    lr_projector: float = 0.0  # 0 = lr
+    lr_embed: float = 0.0  # embeddings (and a tied lm_head); 0 = lr
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    warmup_frac: float = 0.03
+    weight_decay: float = 0.0  # on matrices only; the authors used HF's default 0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    # evaluation and logging
+    eval_interval: int = 250
+    eval_iters: int = 20  # validation micro-batches per evaluation
+    log_interval: int = 10
+    wandb_project: str = ""  # log to Weights & Biases when set
+    # system
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; weights stay fp32
+    compile: bool = False  # torch.compile each decoder layer
+    checkpointing: bool = False  # activation checkpointing per decoder layer (2B at 2048 tokens on 80 GB needs it)
+    seed: int = 1337
+
+
+def parse_config(argv):
+    """[config_file.py] [--key=value ...] -> TrainConfig. A config file holds `key = literal` lines only (read with
+    ast, never executed). Unknown keys and values of the wrong type are errors."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+
+    def put(key, value, where):
+        if key not in fields:
+            raise ValueError(f"{where}: unknown config key {key!r}")
+        want = type(fields[key].default)
+        if want is float and type(value) is int:
+            value = float(value)
+        if type(value) is not want:
+            raise ValueError(f"{where}: {key} must be {want.__name__}, got {value!r}")
+        values[key] = value
+
+    for arg in argv:
+        if not arg.startswith("--"):
+            tree = ast.parse(open(arg).read(), arg)
+            for node in tree.body:
+                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                    raise ValueError(f"{arg}:{node.lineno}: only `key = literal` lines are allowed")
+                put(node.targets[0].id, ast.literal_eval(node.value), f"{arg}:{node.lineno}")
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"{arg}: write --key=value")
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare string such as --device=cpu
+            put(key, value, arg)
+    return TrainConfig(**values)
+
+
+def get_lr(it, cfg):
+    """1) linear warm-up over warmup_frac of the steps, 2) cosine decay to lr * min_lr_ratio."""
+    warmup = max(1, int(cfg.warmup_frac * cfg.max_iters))
+    if it < warmup:
+        return (it + 1) / warmup
+    progress = min(1.0, (it - warmup) / max(1, cfg.max_iters - warmup))
+    return cfg.min_lr_ratio + 0.5 * (1.0 - cfg.min_lr_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# model, tokenizer and images: built, loaded from a checkpoint, or resumed
+
+
+def build(cfg):
+    """-> (model, tokenizer, image config)."""
+    src = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    if src == "scratch":
+        tok = data.Tokenizer(cfg.tokenizer)
+        img_cfg = data.ImageConfig(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        tokens = vpt.add_tokens(tok, cfg.encoder) if cfg.use_vpt else None
+        qcfg = M.QwenConfig(**{**M.PRESETS[cfg.model_preset], "vocab_size": len(tok),
+                               "image_token_id": tok.image_pad_id, "vision_start_token_id": tok.vision_start_id,
+                               "vision_end_token_id": tok.vision_end_id, "eos_token_id": tok.im_end_id})
+        torch.manual_seed(cfg.seed)
+        if not cfg.use_vpt:
+            return M.Qwen2VL(qcfg), tok, img_cfg
+        vcfg = vpt.VPTConfig(encoder=cfg.encoder, dino=M.DinoConfig(**M.DINO_PRESETS[cfg.dino_preset]))
+        return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
+    path = M.resolve_dir(src, vpt.WEIGHT_PATTERNS)
+    with open(os.path.join(path, "config.json")) as f:
+        kind = json.load(f).get("model_type")
+    if kind == "qwen2_vl_vpt":
+        return vpt.from_pretrained(path)
+    if cfg.use_vpt:
+        return vpt.from_base(path, cfg.encoder, cfg.dino)
+    return M.from_pretrained(path), data.Tokenizer(path), data.ImageConfig.from_dir(path)
+
+
+def save_checkpoint(model, tok, img_cfg, optimizer, state, out_dir):
+    """Every file is written under .tmp/ and then renamed into out_dir, train_state.pt (the step marker) last, so
+    out_dir never holds a half-written file and sample.py / from_pretrained can load it as it is."""
+    tmp = os.path.join(out_dir, ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, vpt.VPT):
+        vpt.save(model, tok, img_cfg, tmp)
+    else:
+        M.save_pretrained(model, tmp, model.cfg.to_hf())
+        tok.save(tmp)
+        img_cfg.save(tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "train_state.pt"):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def param_groups(model, cfg):
+    """Named groups with their own learning rates; weight decay on matrices only. Freezing by stage:
+    align trains the projector's feature path (its condition path gets no gradient without control tokens),
+    finetune everything but the vision encoders (the authors' recipe), all everything (training from scratch)."""
+    proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
+    groups = {}
+    for name, p in model.named_parameters():
+        if cfg.stage == "align":
+            p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature"))
+        elif cfg.stage == "finetune":
+            p.requires_grad = not name.startswith(("visual.", "detection_model."))
+        elif cfg.stage != "all":
+            raise ValueError(f"stage must be align, finetune or all, not {cfg.stage!r}")
+        if not p.requires_grad:
+            continue
+        kind = "projector" if name.startswith(proj) else "embeddings" if "embed_tokens" in name else "model"
+        lr = {"projector": cfg.lr_projector, "embeddings": cfg.lr_embed}.get(kind) or cfg.lr
+        decay = p.dim() >= 2 and cfg.weight_decay > 0
+        g = groups.setdefault((kind, decay), dict(name=f"{kind}{'' if decay else ' (no decay)'}", params=[],
+                                                  base_lr=lr, weight_decay=cfg.weight_decay if decay else 0.0))
+        g["params"].append(p)
+    return list(groups.values())
+
+
+# -----------------------------------------------------------------------------
+# data: a seeded, length-grouped order of micro-batches, the same for every world size
+
+
+def micro_batches(dataset, cfg, epoch):
+    """Sample indices of every micro-batch of an epoch. Samples are shuffled, sorted by an estimate of their length
+    within windows of 64 micro-batches (so batches carry little padding), and the batches shuffled again."""
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    order = torch.randperm(len(dataset), generator=g).tolist()
+    window = 64 * cfg.batch_size
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=dataset.length_estimate)
+        batches += [chunk[j:j + cfg.batch_size] for j in range(0, len(chunk), cfg.batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+class Schedule:
+    """The micro-batches of optimizer step `it` for this rank: step it takes global micro-batches
+    [it*W*G, (it+1)*W*G) of the endless epoch sequence, rank r every W-th of them. So a run's data depends only on
+    the step (resume is exact) and the global batch (2 processes x G equals 1 process x 2G)."""
+
+    def __init__(self, dataset, cfg, rank, world):
+        self.dataset, self.cfg, self.rank, self.world, self.epochs = dataset, cfg, rank, world, {}
+
+    def global_batch(self, k):
+        n = len(self.epochs.setdefault(0, micro_batches(self.dataset, self.cfg, 0)))
+        e = k // n
+        if e not in self.epochs:
+            self.epochs = {e: micro_batches(self.dataset, self.cfg, e)}
+        return self.epochs[e][k % n]
+
+    def step(self, it):
+        per_step = self.world * self.cfg.grad_accum
+        return [(it * per_step + self.rank + self.world * m) for m in range(self.cfg.grad_accum)]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Feeds the DataLoader the index lists of this rank's micro-batches from step `start` on."""
+
+    def __init__(self, schedule, start, stop):
+        self.schedule, self.start, self.stop = schedule, start, stop
+
+    def __iter__(self):
+        for it in range(self.start, self.stop):
+            for k in self.schedule.step(it):
+                yield self.schedule.global_batch(k)
+
+    def __len__(self):
+        return (self.stop - self.start) * self.schedule.cfg.grad_accum
+
+
+def mask_draw(batch, cfg, k):
+    """VPT section 3.2: each sample with a control token is mask-modeled with probability mask_prob, drawn from a
+    generator seeded by the global micro-batch index, so it is the same under any world size and after resume."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+    return torch.rand(batch["input_ids"].size(0), generator=g) < cfg.mask_prob
+
+
+def to_device(batch, device):
+    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+    return {k: tuple(map(move, v)) if isinstance(v, tuple) else move(v) for k, v in batch.items()}
+
+
+def forward(model, batch):
+    """(logits at supervised positions, loss) for a VPT model or a plain Qwen2-VL."""
+    if isinstance(model, vpt.VPT) or isinstance(getattr(model, "module", None), vpt.VPT):
+        return model(batch, batch["targets"])
+    mask = M.causal_mask(batch["padding_mask"], batch["input_ids"].size(1))
+    return model(batch["input_ids"], batch["position_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                 batch["targets"], mask)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(cfg):
+    # --- distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        device = f"cuda:{local}" if cfg.device.startswith("cuda") else cfg.device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, cfg.device
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if not device.startswith("cuda"):  # leave cores to the other processes and DataLoader workers: CPU threads that
+        # wait on each other run many times slower than one thread alone
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - cfg.num_workers))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if device.startswith("cuda") and \
+        cfg.dtype != "float32" else nullcontext()
+
+    # --- model
+    model, tok, img_cfg = build(cfg)
+    model.to(device)
+    model.model.checkpointing = cfg.checkpointing
+    groups = param_groups(model, cfg)
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"parameters: {n_train:,} trained, {n_all - n_train:,} frozen ({cfg.stage}); groups: " +
+        ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,} at lr {g['base_lr']:g}" for g in groups))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
+    iter_num, best_val = 0, float("inf")
+    if cfg.init_from == "resume":
+        optimizer.load_state_dict(torch.load(os.path.join(cfg.out_dir, "optimizer.pt"), map_location=device,
+                                             weights_only=True))
+        state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+        iter_num, best_val = state["iter_num"], state["best_val"]
+        torch.set_rng_state(state["rng"])
+        log(f"resumed from {cfg.out_dir} at step {iter_num}")
+    if cfg.compile:
+        for layer in model.model.layers:
+            layer.compile()  # in place: parameter names (and checkpoints) stay as they are
+    raw = model
+    if ddp:
+        # the projector (and in stage "all" the vision encoders) receive no gradient in a micro-batch without a
+        # re-encoding sample (or without images), which mixed VPT data produces: DDP must look for unused parameters
+        model = DDP(model, device_ids=[local] if device.startswith("cuda") else None,
+                    find_unused_parameters=cfg.stage != "align")
+
+    # --- data
+    T = raw.tokens if isinstance(raw, vpt.VPT) else None
+    make_ds = lambda path: data.VPTDataset(path, tok, img_cfg, cfg.encoder if T else None, T and T.pad, T and T.act,
+                                           max_len=cfg.max_len)
+    train_ds, val_ds = make_ds(cfg.train_data), make_ds(cfg.val_data)
+    collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
+    loader = lambda ds, c, start, stop: iter(torch.utils.data.DataLoader(
+        ds, batch_sampler=StepBatches(Schedule(ds, c, rank, world), start, stop), collate_fn=collate,
+        num_workers=cfg.num_workers))
+    val_cfg = dataclasses.replace(cfg, grad_accum=1)  # validation: eval_iters micro-batches per process
+    train_iter = loader(train_ds, cfg, iter_num, cfg.max_iters)
+    schedule = Schedule(train_ds, cfg, rank, world)
+    perception = torch.tensor(sorted(T.perception())) if T else None
+
+    @torch.no_grad()
+    def evaluate():
+        """Validation loss and teacher-forced accuracy on the perception-token targets (the authors' metric)."""
+        model.eval()
+        losses, hits, n = [], 0, 0
+        for batch in loader(val_ds, val_cfg, 0, cfg.eval_iters):
+            if batch is None:
+                continue
+            batch = to_device(batch, device)
+            with ctx:
+                logits, loss = forward(raw, batch)
+            losses.append(loss.item())
+            if perception is not None:
+                tgt = batch["targets"][batch["targets"] != data.IGNORE_INDEX]
+                sel = torch.isin(tgt, perception.to(tgt.device))
+                hits += (logits[sel].argmax(-1) == tgt[sel]).sum().item()
+                n += int(sel.sum())
+        model.train()
+        stats = torch.tensor([sum(losses), len(losses), hits, n], dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(stats)
+        return (stats[0] / max(stats[1], 1)).item(), (stats[2] / stats[3]).item() if stats[3] else float("nan")
+
+    # --- the loop
+    if cfg.wandb_project and master:
+        import wandb
+        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    model.train()
+    dropped, t0, tokens_seen = 0, time.perf_counter(), 0
+    # forward + backward of the LLM: 6 flops per parameter and token (nanoGPT's estimate without the attention term;
+    # the vision encoders run on few rows and mostly frozen)
+    flops_per_token = 6 * sum(p.numel() for n, p in raw.named_parameters() if n.startswith("model."))
+    while iter_num < cfg.max_iters:
+        if cfg.eval_interval and iter_num % cfg.eval_interval == 0 and iter_num > 0:
+            val_loss, acc = evaluate()
+            log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
+            if master and cfg.wandb_project:
+                wandb.log({"val/loss": val_loss, "val/perception_acc": acc}, step=iter_num)
+            if master:
+                save_checkpoint(raw, tok, img_cfg, optimizer, dict(iter_num=iter_num, best_val=min(best_val, val_loss),
+                                rng=torch.get_rng_state(), config=dataclasses.asdict(cfg)), cfg.out_dir)
+            best_val = min(best_val, val_loss)
+        lr_scale = get_lr(iter_num, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        total = torch.zeros((), device=device)
+        for micro, k in enumerate(schedule.step(iter_num)):
+            batch = next(train_iter)
+            # gradients are all-reduced on the last micro-step only
+            sync = model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                if batch is None:  # every sample of the micro-batch was over max_len
+                    dropped += cfg.batch_size
+                    loss = torch.zeros((), device=device)
+                else:
+                    dropped += batch.pop("dropped")
+                    batch["mask_modeling"] = mask_draw(batch, cfg, k)
+                    batch = to_device(batch, device)
+                    tokens_seen += int(batch["padding_mask"].sum())
+                    with ctx:
+                        _, loss = forward(model, batch)
+                if not loss.requires_grad:  # nothing trained was touched (say, an alignment micro-batch without a
+                    # re-encoded image): a zero gradient still keeps every rank's backward, and DDP, in step
+                    loss = loss + sum(p.sum() for g in groups for p in g["params"]) * 0.0
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"loss is {loss.item()} at step {iter_num}; stopping. The last good checkpoint "
+                                       f"in {cfg.out_dir} is untouched.")
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            if ddp:
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            dt = time.perf_counter() - t0
+            tps = tokens_seen * world / dt
+            line = f"step {iter_num}: loss {total.item():.4f}, lr {cfg.lr * lr_scale:.2e}, {tps:,.0f} tokens/s"
+            if device.startswith("cuda"):
+                peak = 989e12 * world  # H100 SXM dense bf16
+                line += (f", MFU {flops_per_token * tps / peak * 100:.1f}%, "
+                         f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            log(line + (f", {dropped} samples over max_len dropped" if dropped else ""))
+            if master and cfg.wandb_project:
+                wandb.log({"train/loss": total.item(), "lr": cfg.lr * lr_scale, "tokens_per_s": tps}, step=iter_num)
+            t0, tokens_seen = time.perf_counter(), 0
+    val_loss, acc = evaluate()
+    log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
+    if master:
+        save_checkpoint(raw, tok, img_cfg, optimizer, dict(iter_num=iter_num, best_val=min(best_val, val_loss),
+                        rng=torch.get_rng_state(), config=dataclasses.asdict(cfg)), cfg.out_dir)
+    if ddp:
+        dist.destroy_process_group()
+    return raw
+
+
+class Collate:
+    """A picklable collate for DataLoader workers: drops samples over max_len (the dataset gives None) and counts
+    them; a micro-batch with nothing left becomes None."""
+
+    def __init__(self, pad_id, image_token_id, merge):
+        self.pad_id, self.image_token_id, self.merge = pad_id, image_token_id, merge
+
+    def __call__(self, samples):
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            return None
+        batch = data.collate(kept, self.pad_id, self.image_token_id, self.merge)
+        batch["dropped"] = len(samples) - len(kept)
+        return batch
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))
