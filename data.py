@@ -236,6 +236,34 @@ class Tokenizer:
         self.tk.save(str(file))
 
 
+QWEN_SPECIALS = [ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                 "<|box_end|>", "<|quad_start|>", "<|quad_end|>", VISION_START, VISION_END, "<|vision_pad|>",
+                 IMAGE_PAD, "<|video_pad|>"]  # ids 151643..151656 in Qwen2's tokenizer, in this order
+# transformers/models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def train_tokenizer(texts, vocab_size, path):
+    """A small byte-level BPE built the way Qwen2's is (NFC, the Qwen2 split regex, byte-level), trained on texts,
+    with the Qwen special tokens added after it, saved as path (a tokenizer.json or a directory). For tiny models
+    trained from scratch (the synthetic set) and tests; <|...|> markers and placeholders are cut out of the text."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    tk = HFTokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator([re.sub(r"<\|\w+\|>|<\w+>", " ", t) for t in texts], trainer)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    file = _tokenizer_file(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tk.save(str(file))
+    return Tokenizer(file)
+
+
 def _pad_plan(messages, image_tokens, extra):
     """{placeholder: (pad token, iterator over pad counts)}; checks that every placeholder has exactly one count."""
     plan = {IMAGE_PLACEHOLDER: (IMAGE_PAD, image_tokens), **(extra or {})}

@@ -13,7 +13,7 @@ import torch
 import transformers  # the parity oracle: a hard requirement of the test suite
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import models
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -248,12 +248,7 @@ def test_config_presets_parse_the_reference_configs():
 # -----------------------------------------------------------------------------
 # data.py: images, tokenizer, chat template
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# transformers/models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX
-QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPECIALS = data.QWEN_SPECIALS
 CORPUS = ["You are a helpful assistant.", "Describe this image.", "The cat sits on the red mat, next to 3 dogs.",
           "What is in the picture? A small boat on a lake.", "Where is the dog? It is in the top left corner.",
           "How many people are there?\nThere are 12 people."]
@@ -261,19 +256,8 @@ CORPUS = ["You are a helpful assistant.", "Describe this image.", "The cat sits 
 
 def make_tiny_tokenizer(dirpath):
     """A ~400-token byte-level BPE with the Qwen2 pre-tokenizer and Qwen specials -> dirpath/tokenizer.json."""
-    tk = HFTokenizer(models.BPE())
-    tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tk.train_from_iterator(CORPUS, trainer)
-    tk.add_special_tokens(QWEN_SPECIALS)
-    path = str(dirpath / "tokenizer.json")
-    tk.save(path)
-    return path
+    data.train_tokenizer(CORPUS, 400, dirpath)
+    return str(dirpath / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")
