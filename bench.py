@@ -1,7 +1,8 @@
 """
 Benchmarks, each reported as a ratio against a baseline measured in the same run (transformers, or our slow path).
     python bench.py load [--preset qwen2-vl-2b]   load time and peak RSS of a random checkpoint of the real shape, bf16
-    python bench.py decode                        prefill + greedy decode tokens/s, ours vs transformers, tiny-to-mid model on CPU
+    python bench.py vpt                           a region-selection answer: one continuous KV cache vs the authors'
+                                                  second round (a fresh prefill of the whole transcript), mid-size model
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import json
@@ -12,9 +13,13 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
+import data
 import model as M
+import vpt
 
 
 def make_checkpoint(preset, path, dtype=torch.bfloat16):
@@ -62,10 +67,65 @@ def bench_load(preset):
               f"peak RSS {o['peak_rss_gib'] / t['peak_rss_gib']:.2f}x")
 
 
+def bench_vpt(answer_tokens=32, repeats=3):
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        tok = data.train_tokenizer(["What number is on the red triangle?", "Now answer the question. Seven."], 300, d)
+    tokens = vpt.add_tokens(tok, "dino")
+    cfg = M.QwenConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=4, mrope_section=(8, 12, 12),
+                       image_token_id=tok.image_pad_id, vision_start_token_id=tok.vision_start_id,
+                       vision_end_token_id=tok.vision_end_id, vision=dict(depth=6, embed_dim=384, num_heads=6,
+                                                                          hidden_size=512))
+    vcfg = vpt.VPTConfig(dino=M.DinoConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6))
+    model = vpt.VPT(cfg, vcfg, tokens).eval()
+    n = sum(p.numel() for p in model.parameters())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
+    img_cfg = data.ImageConfig()
+    q = "What number is on the red triangle?"
+
+    def ours():
+        s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=6 + answer_tokens)
+        s.stop = set()  # a fixed answer length, so both sides decode the same number of tokens
+        out = list(s.generate(image, q))
+        return s, out[6:]
+
+    def theirs(s):
+        """Round 1 (prefill + the 6 region tokens), then round 2 as the authors' harness runs it: the transcript
+        up to the new assistant turn prefilled from scratch, both images through the ViT again, then decode."""
+        view = data.limit_side(image, vcfg.image_resolution)
+        pv, grid = data.process_images([view], img_cfg)
+        prompt = torch.tensor([s.ids[:s.prompt_len]])
+        list(M.generate(model, prompt, None, pv, grid, max_new_tokens=6))
+        crop = data.limit_side(image.crop(s.rounds[0].box), vcfg.image_resolution)
+        pv2, grid2 = data.process_images([view, crop], img_cfg)
+        transcript = torch.tensor([s.ids[:len(s.ids) - answer_tokens + 1]])  # through "<|im_start|>assistant\n"
+        return [int(t) for t in M.generate(model, transcript, None, pv2, grid2, max_new_tokens=answer_tokens)]
+
+    with torch.no_grad():
+        s, answer = ours()  # warm-up, and the transcript for the baseline
+        same = theirs(s) == answer
+        t_ours, t_theirs = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            s, _ = ours()
+            t_ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            theirs(s)
+            t_theirs.append(time.perf_counter() - t0)
+    a, b = min(t_ours), min(t_theirs)
+    print(f"random VPT model, {n / 1e6:.1f} M parameters, 448x448 image ({s.prompt_len} prompt tokens), crop "
+          f"{s.rounds[0].box}, {answer_tokens} answer tokens, CPU, best of {repeats}")
+    print(f"continuous cache: {a:.3f} s; re-prefill for round two: {b:.3f} s; ratio {a / b:.2f}x; "
+          f"same answer tokens: {same}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "_load":
         load_once(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "load":
         bench_load(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--preset" else "qwen2-vl-2b")
+    elif sys.argv[1] == "vpt":
+        bench_vpt()
     else:
         sys.exit(__doc__)
