@@ -10,13 +10,14 @@ m merge size (2); gh, gw patch grid (H/p, W/p); Np patches in an image (gh*gw).
 import json
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -459,3 +460,185 @@ def collate(samples, pad_id, image_token_id, merge=2):
                 pixel_values=cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]),
                 image_grid_thw=grids, extra=extras, extra_rows=extra_rows,
                 mask_modeling=torch.zeros(B, dtype=torch.bool))
+
+
+# -----------------------------------------------------------------------------
+# the synthetic "look closer" set (nanoVPT's shakespeare_char): python data.py synth
+# 448x448 canvases whose answers are drawn in a fine checkerboard that the 112x112 global view averages to flat grey,
+# while a region crop (family 1: "What number is on the red triangle?", region tokens) or the 224x224 DINOv2 view
+# (family 2: "How many checkered squares are there?", re-encoding tokens) still shows it. Plain black digits would
+# not do: shrinking keeps a mark's coarse ink layout, and a small probe reads them from the 112 px view (99 %).
+
+CANVAS = 448  # 4x the 112x112 global view (max_pixels = 112*112); the DINOv2 view (resize 256, crop 224) is 1.75x
+# A 4x4 grid and no crop margin (the paper: 8x8 and one cell), so one region is one token of the 4x4-token global
+# view, and its crop (a 112 px cell) is seen at full resolution, 4x the global view: a from-scratch model learns to
+# point at a token within minutes, not at a quarter of one.
+GRID, MARGIN = 4, 0
+CELL = CANVAS // GRID  # 112 px
+DINO_BORDER = CANVAS * 16 // 256  # 28 px: the DINOv2 centre crop (224 of 256) drops this much each side
+PALETTE = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (50, 90, 220), "yellow": (240, 210, 40),
+           "purple": (140, 60, 180), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle")
+N_SHAPES = (3, 4)
+SHAPE_SIZE = (64, 96)  # px; a shape sits inside one cell, so its crop is that cell
+GAP = 8  # px kept free between objects
+# The fine detail: a 2-px checkerboard, phased so every 4x4 period is symmetric (zero mean, zero first moment).
+# PIL's bicubic 1/4 downscale turns it into its mean grey (two digits differ by a few levels there), while a crop
+# (1/1) and the DINOv2 view (1/1.75) keep it. Plain black digits differ by ~100 levels even at 1/4: a probe reads
+# them there.
+PERIOD = 4
+DARK, LIGHT, GREY = 40, 216, 128  # GREY is the checkerboard's exact mean; 3 NOISE from 0 and 255, so no clipping
+NOISE = 12  # luminance noise std on objects: drowns the <= 3-level leftover at 1/4, not the checkerboard
+FONT = {  # 3x5 digits; each lit cell is 2x2 checkerboard periods, on a grey plate (no system font needed)
+    "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###", "3": "### ..# ### ..# ###",
+    "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
+    "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###"}
+LIT = 2 * PERIOD  # px per font cell
+LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 40x24 px: a flat 10x6 px plate in the global view, crisp in a crop
+N_TILES, TILE = 9, 4 * PERIOD  # family 2: nine 16-px squares, some checkered and the rest plain grey
+# The background is a pale colour ramp, red growing left to right and blue top to bottom: the pixels themselves say
+# where they are. Qwen2-VL has no absolute position embedding (only RoPE), and a 3M-parameter model trained for
+# minutes does not learn to read a token's place from RoPE alone; a big pretrained model does.
+RAMP = (195, 250)
+PNG_COMPRESS = 1  # the flat background compresses well anyway; level 1 keeps generation to seconds
+TOKENIZER_SIZE = 400  # BPE merges for the task's words: every word ends up one to four tokens
+ANSWER_PREFIX = "Now answer the question.\n"  # what a VPT answer starts with after its perception round (vpt.md 5.2)
+TILES_QUESTION = "How many checkered squares are there?"
+
+
+def label_origin(shape, box) -> tuple[int, int]:
+    """Top-left pixel of the label plate: centred on the shape, at the centroid height for the apex-up triangle."""
+    x1, y1, x2, y2 = box
+    cy = y1 + 2 * (y2 - y1) / 3 if shape == "triangle" else (y1 + y2) / 2
+    return round((x1 + x2 - LABEL_W) / 2), round(cy - LABEL_H / 2)
+
+
+def checker(h, w) -> np.ndarray:
+    """(h, w) uint8 checkerboard starting at the symmetric phase; h, w multiples of PERIOD."""
+    on = np.isin(np.arange(max(h, w)) % PERIOD, (0, PERIOD - 1))
+    return np.where(on[:h, None] == on[None, :w], LIGHT, DARK).astype(np.uint8)
+
+
+def label_pixels(digit) -> np.ndarray:
+    """(LABEL_H, LABEL_W) grey plate with the digit's lit cells checkered."""
+    lit = np.array([[bit == "#" for bit in row] for row in FONT[digit].split()])  # (5, 3)
+    lit = lit.repeat(LIT, 0).repeat(LIT, 1)  # (LABEL_H, LABEL_W)
+    return np.where(lit, checker(LABEL_H, LABEL_W), GREY).astype(np.uint8)
+
+
+def _paste(a, x, y, pixels):
+    """Writes an (h, w) grey image, opaque, into the (H, W, 4) RGBA array at (x, y)."""
+    h, w = pixels.shape
+    a[y:y + h, x:x + w, :3] = pixels[..., None]
+    a[y:y + h, x:x + w, 3] = 255
+
+
+def _free(box, boxes) -> bool:
+    return all(box[2] + GAP <= b[0] or b[2] + GAP <= box[0] or box[3] + GAP <= b[1] or b[3] + GAP <= box[1]
+               for b in boxes)
+
+
+def _draw_shapes(rng, draw) -> list[dict]:
+    """3-4 shapes of distinct colours, each inside its own grid cell, GAP/2 from the cell's edges."""
+    shapes = []
+    cells = rng.sample(range(GRID * GRID), rng.randint(*N_SHAPES))
+    for colour, cell in zip(rng.sample(sorted(PALETTE), len(cells)), cells):
+        s = rng.randint(*SHAPE_SIZE)
+        x = cell % GRID * CELL + rng.randint(GAP // 2, CELL - GAP // 2 - s)
+        y = cell // GRID * CELL + rng.randint(GAP // 2, CELL - GAP // 2 - s)
+        shape, fill, corners = rng.choice(SHAPES), PALETTE[colour] + (255,), (x, y, x + s - 1, y + s - 1)
+        if shape == "circle":
+            draw.ellipse(corners, fill=fill)  # PIL boxes include their last pixel
+        elif shape == "square":
+            draw.rectangle(corners, fill=fill)
+        else:
+            draw.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=fill)
+        shapes.append({"shape": shape, "colour": colour, "digit": str(rng.randint(0, 9)), "box": [x, y, x + s, y + s]})
+    return shapes
+
+
+def make_scene(rng) -> tuple[Image.Image, list[dict], list[list[int]], int]:
+    """One canvas -> (image, shapes as {shape, colour, digit, box}, square boxes, number of checkered squares)."""
+    layer = Image.new("RGBA", (CANVAS, CANVAS))  # objects only: alpha marks where the noise goes
+    shapes = _draw_shapes(rng, ImageDraw.Draw(layer))
+    tiles = []  # inside the DINOv2 centre crop, clear of the shapes
+    while len(tiles) < N_TILES:
+        x, y = (rng.randint(DINO_BORDER, CANVAS - DINO_BORDER - TILE) for _ in range(2))
+        if _free((x, y, x + TILE, y + TILE), [s["box"] for s in shapes] + tiles):
+            tiles.append([x, y, x + TILE, y + TILE])
+    n_checkered = rng.randint(0, N_TILES)
+    a = np.array(layer)  # (H, W, 4)
+    for s in shapes:
+        _paste(a, *label_origin(s["shape"], s["box"]), label_pixels(s["digit"]))
+    for i, (x, y, _, _) in enumerate(tiles):
+        _paste(a, x, y, checker(TILE, TILE) if i < n_checkered else np.full((TILE, TILE), GREY))
+    # noise on the objects only: a noisy background would make each PNG ~100x larger
+    ramp = np.linspace(*RAMP, CANVAS)
+    rgb = np.stack(np.broadcast_arrays(ramp[None, :], np.full((1, 1), 235.0), ramp[:, None]), -1).round()
+    rgb = rgb.astype(np.uint8)  # (H, W, 3): R follows x, B follows y
+    obj = a[..., 3] > 0
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(0, NOISE, (obj.sum(), 1)).round()
+    rgb[obj] = np.clip(a[obj, :3] + noise, 0, 255)
+    return Image.fromarray(rgb), shapes, tiles, n_checkered
+
+
+def scene_records(path, shapes, n_checkered) -> tuple[list[dict], list[dict]]:
+    """One scene -> (VPT records, baseline records): a label question per shape, then the tile-count question."""
+    import vpt  # vpt builds on this module; only the synthetic set needs it back
+    act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
+    records, base = [], []
+    for s in shapes:
+        q = f"What number is on the {s['colour']} {s['shape']}?"
+        cells = vpt.box_to_cells(s["box"], CANVAS, CANVAS, GRID)
+        crop = ",".join(map(str, vpt.cells_to_box(cells[0::2], cells[1::2], CANVAS, CANVAS, GRID, MARGIN)))
+        records.append({"messages": [
+            {"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": vpt.region_text(cells)},
+            {"role": "user", "content": "<image>"}, {"role": "assistant", "content": ANSWER_PREFIX + s["digit"]}],
+            "images": [path, f"{path}_{crop}"], "box": s["box"]})
+        base.append((q, s["digit"]))
+    records.append({"messages": [
+        {"role": "user", "content": f"<image>\n{TILES_QUESTION}"}, {"role": "assistant", "content": act},
+        {"role": "user", "content": "<detection_image>"}, {"role": "assistant", "content": ANSWER_PREFIX + str(n_checkered)}],
+        "images": [path], "detection_images": [path]})
+    base.append((TILES_QUESTION, str(n_checkered)))
+    # the baseline twins: the same image, question and answer, without perception tokens
+    base = [{"messages": [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
+             "images": [path]} for q, a in base]
+    return records, base
+
+
+def make_synth(out_dir="data/synth", n_train_images=1000, n_val_images=100, seed=1337) -> dict:
+    """Writes images/, train.jsonl and val.jsonl (VPT records), train_baseline.jsonl and val_baseline.jsonl, and
+    tokenizer.json (the task's words, Qwen's special tokens, the VPT tokens). Returns the records per file."""
+    import vpt
+    out, rng = Path(out_dir), random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    counts, texts = {}, ["system", "user", "assistant", DEFAULT_SYSTEM, ANSWER_PREFIX]
+    for split, n_images in (("train", n_train_images), ("val", n_val_images)):
+        records, base = [], []
+        for i in range(n_images):
+            img, shapes, _, n_checkered = make_scene(rng)
+            path = f"images/{split}_{i:05d}.png"
+            img.save(out / path, compress_level=PNG_COMPRESS)
+            r, b = scene_records(path, shapes, n_checkered)
+            records += r
+            base += b
+        for name, rs in ((split, records), (f"{split}_baseline", base)):
+            (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+            counts[name] = len(rs)
+        if split == "train":
+            texts += [m["content"] for r in records + base for m in r["messages"]]
+    tok = train_tokenizer(texts, TOKENIZER_SIZE, out)
+    vpt.add_tokens(tok, "dino", GRID)
+    tok.save(out)
+    return counts
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+    if sys.argv[1:] != ["synth"]:
+        sys.exit("usage: python data.py synth")
+    t0 = time.perf_counter()
+    counts = make_synth()
+    print(f"wrote data/synth in {time.perf_counter() - t0:.1f} s: " + ", ".join(f"{n} {k}" for k, n in counts.items()))

@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only)")
     p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer")
     p.add_argument("--save_viz", default=None, help="write the image with the selected regions drawn in red")
+    p.add_argument("--eval", default=None, help="a records file (.jsonl): exact-match accuracy and perception use")
     return p.parse_args(argv)
 
 
@@ -61,6 +62,8 @@ def main(argv=None):
     with open(os.path.join(path, "config.json")) as f:
         is_vpt = json.load(f).get("model_type") == "qwen2_vl_vpt"
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.eval:
+        return evaluate(args, path, is_vpt, dtype, gen)
     if is_vpt:
         return answer_vpt(args, path, dtype, gen)
     if args.vpt in ("region", "reencode"):
@@ -104,6 +107,70 @@ def answer_vpt(args, path, dtype, gen):
         img.save(args.save_viz)
         print(f"wrote {args.save_viz}", file=sys.stderr)
     return ids
+
+
+ANSWER_PREFIX = "Now answer the question.\n"  # what VPT answers start with after a perception round (vpt.md 5.2)
+
+
+def box_overlap(pred, gt):
+    """(IoU, IoGT): intersection over union, and over the ground-truth box's area (the paper's Table S2)."""
+    iw = max(0, min(pred[2], gt[2]) - max(pred[0], gt[0]))
+    ih = max(0, min(pred[3], gt[3]) - max(pred[1], gt[1]))
+    inter = iw * ih
+    area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area(pred) + area(gt) - inter), inter / area(gt)
+
+
+def evaluate(args, path, is_vpt, dtype, gen):
+    """Answers every record's first question about its first image (greedy by default) and scores the answer
+    against the record's last assistant message: exact match, perception-token use, and for regions the IoU and
+    IoGT of the selected cells (without the crop margin) against the record's "box"."""
+    records = data.read_records(args.eval)
+    base = os.path.dirname(os.path.abspath(args.eval))
+    if is_vpt:
+        model, tok, img_cfg = vpt.from_pretrained(path, dtype=dtype, device=args.device)
+    else:
+        if args.vpt != "off":
+            sys.exit(f"{args.init_from} is a plain Qwen2-VL: evaluate it with --vpt off")
+        model, tok, img_cfg = M.from_pretrained(path, dtype, args.device), data.Tokenizer(path), \
+            data.ImageConfig.from_dir(path)
+    stop = {tok.im_end_id, tok.endoftext_id}
+    hits, kinds, overlaps = 0, {"region": 0, "reencode": 0}, []
+    for r in records:
+        question = r["messages"][0]["content"].replace(data.IMAGE_PLACEHOLDER, "").strip()
+        truth = r["messages"][-1]["content"].removeprefix(ANSWER_PREFIX).strip()
+        image = data.open_image(r["images"][0], base, 10 ** 9)
+        if is_vpt:
+            s = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
+                            args.top_k, args.top_p, gen)
+            ids = [t for t in s.generate(image, question) if t not in model.tokens.perception() and t not in stop]
+            for rd in s.rounds:
+                kinds[rd.kind] += 1
+                if rd.kind == "region" and "box" in r:
+                    cells = vpt.cells_to_box(*rd.cells, image.width, image.height, model.vcfg.grid, margin=0)
+                    overlaps.append(box_overlap(cells, r["box"]))
+        else:
+            pv, grid = data.process_images([data.limit_side(image, 512)], img_cfg)  # as VPTDataset trained it
+            prompt, _ = data.encode_chat(tok, [{"role": "user", "content": f"{data.IMAGE_PLACEHOLDER}\n{question}"}],
+                                         grid, True)
+            ids = []
+            for t in M.generate(model, torch.tensor([prompt], device=args.device), None, pv.to(args.device),
+                                grid.to(args.device), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                stop, gen):
+                if int(t) in stop:
+                    break
+                ids.append(int(t))
+        answer = tok.decode(ids, skip_special_tokens=True).removeprefix(ANSWER_PREFIX).strip()
+        hits += answer == truth
+    n = len(records)
+    line = (f"{args.eval} ({n} records, --vpt {args.vpt}): exact match {hits / n:.3f}; perception: "
+            f"region {kinds['region'] / n:.2f}, re-encode {kinds['reencode'] / n:.2f}")
+    if overlaps:
+        line += (f"; region IoU {sum(o[0] for o in overlaps) / len(overlaps):.3f}, "
+                 f"IoGT {sum(o[1] for o in overlaps) / len(overlaps):.3f}")
+    print(line)
+    return dict(accuracy=hits / n, region=kinds["region"] / n, reencode=kinds["reencode"] / n,
+                iou=overlaps and sum(o[0] for o in overlaps) / len(overlaps))
 
 
 def answer_tokens(sampler, image, prompt, tok):

@@ -1125,3 +1125,85 @@ def test_bad_config_and_bad_record_errors(vpt_dir, tmp_path):
     _, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
     with pytest.raises(ValueError, match="missing.jsonl: record 0.*nope.png"):
         data.VPTDataset(str(missing), tok, img_cfg)[0]
+
+
+# -----------------------------------------------------------------------------
+# the synthetic set (data.py synth) and the quick start end to end
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    data.make_synth(d, n_train_images=6, n_val_images=2, seed=1337)
+    return d
+
+
+def test_synth_is_deterministic_and_well_formed(synth_dir, tmp_path):
+    data.make_synth(tmp_path / "again", 6, 2, seed=1337)
+    data.make_synth(tmp_path / "other", 6, 2, seed=7)
+    for name in ("train.jsonl", "val.jsonl", "train_baseline.jsonl", "tokenizer.json"):
+        assert (synth_dir / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), f"{name} not reproducible"
+    assert (synth_dir / "train.jsonl").read_bytes() != (tmp_path / "other" / "train.jsonl").read_bytes()
+    tok = Tokenizer(synth_dir)
+    ids = vpt.Tokens.of(tok, "dino", data.GRID)  # every perception token is there, and each is one id
+    for name in ("<|region_token_start|>", "<|x_3|>", "<|detection_action|>", "<|detection_image_pad|>"):
+        assert len(tok.encode(f"a{name}7")) == 3
+    records = data.read_records(synth_dir / "train.jsonl")
+    base = data.read_records(synth_dir / "train_baseline.jsonl")
+    assert len(records) == len(base) and any("box" in r for r in records) and any("detection_images" in r for r in records)
+    for r, b in zip(records, base):
+        assert b["messages"][-1]["content"] == r["messages"][-1]["content"].removeprefix(data.ANSWER_PREFIX)
+        if "box" in r:
+            (xs, ys), = vpt.parse_regions(r["messages"][1]["content"])
+            x1, y1, x2, y2 = r["box"]
+            assert vpt.box_to_cells(r["box"], data.CANVAS, data.CANVAS, data.GRID) == (xs[0], ys[0], xs[1], ys[1])
+            _, crop = data.parse_image_ref(r["images"][1], "")
+            assert crop[0] <= x1 and crop[1] <= y1 and x2 <= crop[2] and y2 <= crop[3], "the crop must hold the box"
+    assert ids.region_start in tok.encode(records[0]["messages"][1]["content"]) or ids.act_start in tok.encode(
+        records[0]["messages"][1]["content"])
+
+
+def test_synth_labels_vanish_in_the_global_view_only():
+    """The design claim: all ten digits look alike (within a few grey levels) at the global view's 1/4 scale and
+    differ clearly in a crop (full resolution) and in the DINOv2 view (1/1.75)."""
+    def view(digit, scale):
+        canvas = np.full((56, 56), data.GREY, np.uint8)
+        canvas[8:8 + data.LABEL_H, 16:16 + data.LABEL_W] = data.label_pixels(digit)
+        side = round(56 * scale)
+        return np.asarray(Image.fromarray(canvas).resize((side, side), Image.BICUBIC), np.float32)
+    for scale, lo, hi in ((1 / 4, 0, 6), (1.0, 40, 255)):
+        views = [view(str(d), scale) for d in range(10)]
+        gap = min(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:])
+        worst = max(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:])
+        assert (lo <= gap if lo else worst <= hi), f"scale {scale}: closest pair {gap}, farthest {worst}"
+    # the counting family: a checkered square and a plain one, in the global view and the DINOv2 view
+    def tile(checkered, scale):
+        canvas = np.full((64, 64), data.GREY, np.uint8)
+        canvas[24:24 + data.TILE, 24:24 + data.TILE] = data.checker(data.TILE, data.TILE) if checkered else data.GREY
+        side = round(64 * scale)
+        return np.asarray(Image.fromarray(canvas).resize((side, side), Image.BICUBIC), np.float32)
+    assert np.abs(tile(True, 1 / 4) - tile(False, 1 / 4)).max() <= 6
+    assert np.abs(tile(True, 256 / 448) - tile(False, 256 / 448)).max() >= 40
+
+
+def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
+    """A few steps of the quick start's two runs on a tiny synthetic set, then sample.py --eval on each (the
+    pipeline, not the accuracy)."""
+    import sample
+    common = [f"--tokenizer={synth_dir / 'tokenizer.json'}", "--model_preset=tiny", "--max_iters=2",
+              "--batch_size=4", "--eval_interval=0", "--eval_iters=1", "--num_workers=0", "--device=cpu",
+              "--max_pixels=12544", "--stage=all", "--lr=1e-3"]
+    train.main(train.parse_config([f"--train_data={synth_dir / 'train.jsonl'}", f"--val_data={synth_dir / 'val.jsonl'}",
+                                   f"--out_dir={tmp_path / 'vpt'}", *common]))
+    train.main(train.parse_config([f"--train_data={synth_dir / 'train_baseline.jsonl'}",
+                                   f"--val_data={synth_dir / 'val_baseline.jsonl'}", f"--out_dir={tmp_path / 'base'}",
+                                   "--use_vpt=False", *common]))
+    n = len(data.read_records(synth_dir / "val.jsonl"))
+    r = sample.main(["--init_from", str(tmp_path / "vpt"), "--eval", str(synth_dir / "val.jsonl"), "--vpt", "region",
+                     "--max_new_tokens", "12", "--device", "cpu"])
+    assert r["region"] == 1.0 and 0.0 <= r["iou"] <= 1.0, r  # forced: every answer selected a region
+    r = sample.main(["--init_from", str(tmp_path / "base"), "--eval", str(synth_dir / "val_baseline.jsonl"), "--vpt",
+                     "off", "--max_new_tokens", "4", "--device", "cpu"])
+    assert r["region"] == 0.0 and 0.0 <= r["accuracy"] <= 1.0
+    out = capsys.readouterr().out
+    assert f"({n} records, --vpt region): exact match" in out and "region IoU" in out

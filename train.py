@@ -38,6 +38,8 @@ class TrainConfig:
     encoder: str = "dino"  # extra encoder of a new VPT model: "dino" or "clip"
     dino: str = "facebook/dinov2-large"  # its checkpoint, when starting from a base Qwen2-VL
     dino_preset: str = "tiny"  # model.DINO_PRESETS entry, for scratch
+    grid: int = 8  # region cells per side of a new VPT model (the paper's k)
+    region_margin: int = 1  # cells added around a selected region before cropping (the authors' evaluation)
     # data
     train_data: str = "data/synth/train.jsonl"
     val_data: str = "data/synth/val.jsonl"
@@ -125,14 +127,15 @@ def build(cfg):
     if src == "scratch":
         tok = data.Tokenizer(cfg.tokenizer)
         img_cfg = data.ImageConfig(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-        tokens = vpt.add_tokens(tok, cfg.encoder) if cfg.use_vpt else None
+        tokens = vpt.add_tokens(tok, cfg.encoder, cfg.grid) if cfg.use_vpt else None
         qcfg = M.QwenConfig(**{**M.PRESETS[cfg.model_preset], "vocab_size": len(tok),
                                "image_token_id": tok.image_pad_id, "vision_start_token_id": tok.vision_start_id,
                                "vision_end_token_id": tok.vision_end_id, "eos_token_id": tok.im_end_id})
         torch.manual_seed(cfg.seed)
         if not cfg.use_vpt:
             return M.Qwen2VL(qcfg), tok, img_cfg
-        vcfg = vpt.VPTConfig(encoder=cfg.encoder, dino=M.DinoConfig(**M.DINO_PRESETS[cfg.dino_preset]))
+        vcfg = vpt.VPTConfig(encoder=cfg.encoder, grid=cfg.grid, region_margin=cfg.region_margin,
+                             dino=M.DinoConfig(**M.DINO_PRESETS[cfg.dino_preset]))
         return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
     path = M.resolve_dir(src, vpt.WEIGHT_PATTERNS)
     with open(os.path.join(path, "config.json")) as f:
@@ -140,7 +143,9 @@ def build(cfg):
     if kind == "qwen2_vl_vpt":
         return vpt.from_pretrained(path)
     if cfg.use_vpt:
-        return vpt.from_base(path, cfg.encoder, cfg.dino)
+        model, tok, img_cfg = vpt.from_base(path, cfg.encoder, cfg.dino, cfg.grid)
+        model.vcfg.region_margin = cfg.region_margin
+        return model, tok, img_cfg
     return M.from_pretrained(path), data.Tokenizer(path), data.ImageConfig.from_dir(path)
 
 
@@ -191,14 +196,16 @@ def param_groups(model, cfg):
 
 
 def micro_batches(dataset, cfg, epoch):
-    """Sample indices of every micro-batch of an epoch. Samples are shuffled, sorted by an estimate of their length
-    within windows of 64 micro-batches (so batches carry little padding), and the batches shuffled again."""
+    """Sample indices of every micro-batch of an epoch. Samples are shuffled, grouped into length buckets of 128
+    (estimated) tokens within windows of 64 micro-batches, so batches carry little padding, and the batches are
+    shuffled again. Buckets, not an exact sort: sorting templated data by exact length makes micro-batches whose
+    answers all have one length (all "green", say), and then the loss is lowered without looking at the image."""
     g = torch.Generator().manual_seed(cfg.seed + epoch)
     order = torch.randperm(len(dataset), generator=g).tolist()
     window = 64 * cfg.batch_size
     batches = []
     for i in range(0, len(order), window):
-        chunk = sorted(order[i:i + window], key=dataset.length_estimate)
+        chunk = sorted(order[i:i + window], key=lambda j: dataset.length_estimate(j) // 128)  # stable: random within
         batches += [chunk[j:j + cfg.batch_size] for j in range(0, len(chunk), cfg.batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 

@@ -1,0 +1,26 @@
+# The quick start's baseline: the same model, images, questions and answers as config/synth.py, without perception
+# tokens (a plain Qwen2-VL that sees only the 112x112 global view).
+init_from = "scratch"
+model_preset = "synth"
+tokenizer = "data/synth/tokenizer.json"
+min_pixels = 3136
+max_pixels = 12544  # 112 * 112
+use_vpt = False
+train_data = "data/synth/train_baseline.jsonl"
+val_data = "data/synth/val_baseline.jsonl"
+out_dir = "out-synth-baseline"
+stage = "all"
+batch_size = 32
+grad_accum = 1
+max_iters = 600
+lr = 1e-3
+beta2 = 0.95
+warmup_frac = 0.05
+min_lr_ratio = 0.1
+weight_decay = 0.01
+eval_interval = 200
+eval_iters = 4
+log_interval = 20
+num_workers = 0
+device = "cpu"
+dtype = "float32"
