@@ -787,12 +787,18 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     path = resolve_dir(path_or_id)
     with open(os.path.join(path, "config.json")) as f:
         cfg = QwenConfig.from_hf(json.load(f))
-    with torch.device("meta"):
-        model = Qwen2VL(cfg)
     sd = {_rename(k): v for k, v in read_safetensors(path).items()}
+    return build_loaded(lambda: Qwen2VL(cfg), sd, dtype, device)
+
+
+def build_loaded(make, sd, dtype, device):
+    """make() builds a Qwen2VL (or subclass) on the meta device, the state dict fills it strictly, and a tied
+    lm_head is tied again (loading replaced the embedding Parameter it shared)."""
+    with torch.device("meta"):
+        model = make()
     load_state_dict_strict(model, sd, dtype, device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # re-tie: loading replaced the embedding Parameter
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 
 

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import model as M
@@ -566,12 +565,8 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
         # the authors load with strict=False into a tied model: lm_head.weight is copied last into the one shared
         # matrix, so it is what their model runs with
         sd["model.embed_tokens.weight"] = sd.pop("lm_head.weight")
-    with torch.device("meta"):
-        model = VPT(cfg, vcfg, tokens)
-    M.load_state_dict_strict(model, sd, dtype, device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval(), tok, data.ImageConfig.from_dir(path)
+    model = M.build_loaded(lambda: VPT(cfg, vcfg, tokens), sd, dtype, device)
+    return model, tok, data.ImageConfig.from_dir(path)
 
 
 def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=torch.float32, device="cpu"):
@@ -597,9 +592,5 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
         sd.update({"detection_model." + k: v for k, v in M.read_safetensors(dpath).items()})
     fresh = VPT.projector_for(vcfg, cfg)
     sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
-    with torch.device("meta"):
-        model = VPT(cfg, vcfg, tokens)
-    M.load_state_dict_strict(model, sd, dtype, device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval(), tok, data.ImageConfig.from_dir(path)
+    model = M.build_loaded(lambda: VPT(cfg, vcfg, tokens), sd, dtype, device)
+    return model, tok, data.ImageConfig.from_dir(path)
