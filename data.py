@@ -399,11 +399,15 @@ class VPTDataset:
         return len(self.records)
 
     def length_estimate(self, i):
-        """A cheap stand-in for a sample's token count, to group similar lengths into batches: characters of text
-        (about one token each in short answers) plus a typical image's tokens per image."""
+        """A cheap stand-in for a sample's token count, to group similar lengths into batches (no image is opened):
+        characters of text (about one token each in short answers), the most tokens an image can get, and 256 per
+        DINOv2 view."""
         r = self.records[i]
-        n_images = sum(len(r.get(k) or []) for k in ("images", "detection_images", "clip_images"))
-        return sum(len(m["content"]) for m in r["messages"]) + 256 * n_images
+        pixels = min(self.img_cfg.max_pixels, self.max_side ** 2)
+        per_image = pixels // (self.img_cfg.patch_size * self.img_cfg.merge_size) ** 2
+        n_images = len(r.get("images") or []) + len(r.get("clip_images") or [])
+        return sum(len(m["content"]) for m in r["messages"]) + per_image * n_images + \
+            DINO_TOKENS * len(r.get("detection_images") or [])
 
     def __getitem__(self, i):
         r = self.records[i]

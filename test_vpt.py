@@ -1097,6 +1097,22 @@ def dataclasses_items(cfg):
     return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
 
 
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(vpt_dir, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    train.main(train_cfg(vpt_dir, out, "--max_iters=2"))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    real = train.forward
+
+    def nan_forward(model, batch):
+        logits, loss = real(model, batch)
+        return logits, loss * float("nan")
+
+    monkeypatch.setattr(train, "forward", nan_forward)
+    with pytest.raises(RuntimeError, match="loss is nan at step 2.*untouched"):
+        train.main(train_cfg(vpt_dir, out, "--max_iters=4", "--init_from=resume"))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before, "the last good checkpoint changed"
+
+
 def test_mask_modeling_rate():
     cfg = train.parse_config(["--mask_prob=0.3"])
     batch = {"input_ids": torch.zeros(50, 3)}

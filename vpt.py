@@ -256,6 +256,8 @@ class VPT(M.Qwen2VL):
         has_act = is_act.any(1)
         act = torch.where(has_act, is_act.float().argmax(1), torch.full_like(has_act, T, dtype=torch.long))
         P = int(act[has_act].max()) if has_act.any() else T
+        # VPT section 3.2 mask modeling, as the paper describes it: an attention mask, drawn per sample. (The authors
+        # zero the span's input embeddings instead, with one coin flip for a whole micro-batch, vpt.md 4.2.)
         masked = batch.get("mask_modeling", torch.zeros_like(has_act)) & has_act
         span = self.first_user_turn(ids) & masked[:, None]  # (B, T) keys the suffix may not see
         turn_end = torch.where(span.any(1), T - span.flip(1).float().argmax(1), act)  # first index after the span
