@@ -90,6 +90,9 @@ def parse_config(argv):
         values[key] = value
 
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\n".join(f"  --{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)))
+            sys.exit(0)
         if not arg.startswith("--"):
             tree = ast.parse(open(arg).read(), arg)
             for node in tree.body:
