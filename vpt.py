@@ -387,10 +387,12 @@ class Sampler:
         ids, _ = data.encode_chat(self.tok, [{"role": "user", "content": self.prompt(question)}], grid, True,
                                   self.img_cfg.merge_size)
         dev = m.lm_head.weight.device
-        # a round appends at most a crop (never larger than the view), the clip view (the view) or DINOv2's 256
-        # tokens, plus the turn's text
+        # a round appends the clip view (the view's tokens), DINOv2's 256 tokens or a crop, whose long side is at
+        # most image_resolution (one token per 28 px, plus a row and column of rounding), and the turn's text
         n_view = int(grid.prod()) // self.img_cfg.merge_size ** 2
-        budget = len(ids) + self.max_new_tokens + self.max_rounds * (max(n_view, data.DINO_TOKENS) + 32)
+        unit = self.img_cfg.patch_size * self.img_cfg.merge_size
+        n_crop = (vc.image_resolution // unit + 1) ** 2
+        budget = len(ids) + self.max_new_tokens + self.max_rounds * (max(n_view, n_crop, data.DINO_TOKENS) + 32)
         self.cache = M.KVCache(m.cfg, 1, budget, dev, m.lm_head.weight.dtype)
         self.ids, self.rounds, self.next_pos = [], [], 0
         self.feed(ids, pixel_values, grid)
