@@ -120,9 +120,10 @@ PRESETS = {
     "qwen2-vl-2b": dict(),
     "qwen2-vl-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                         num_key_value_heads=4, tie_word_embeddings=False, vision=dict(hidden_size=3584)),
-    # the synthetic quick start's model (config/synth.py): ~3M parameters, trains on a laptop CPU in minutes
+    # the synthetic quick start's model (config/synth.py): ~3M parameters. rope_theta 10, not Qwen's 1e6: with 32-wide
+    # heads 1e6 leaves the h and w sections of M-RoPE 3e-2..2e-6 rad per position, no spatial signal at all
     "synth": dict(vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                  num_key_value_heads=2, mrope_section=(4, 6, 6),
+                  num_key_value_heads=2, mrope_section=(4, 6, 6), rope_theta=10.0,
                   vision=dict(depth=4, embed_dim=128, num_heads=4, hidden_size=192)),
     # CPU-sized model for tests: same wiring, ~0.4M parameters
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
