@@ -561,8 +561,8 @@ def _draw_shapes(rng, draw) -> list[dict]:
     return shapes
 
 
-def make_scene(rng) -> tuple[Image.Image, list[dict], list[list[int]], int]:
-    """One canvas -> (image, shapes as {shape, colour, digit, box}, square boxes, number of checkered squares)."""
+def make_scene(rng) -> tuple[Image.Image, list[dict], int]:
+    """One canvas -> (image, shapes as {shape, colour, digit, box}, number of checkered squares)."""
     layer = Image.new("RGBA", (CANVAS, CANVAS))  # objects only: alpha marks where the noise goes
     shapes = _draw_shapes(rng, ImageDraw.Draw(layer))
     tiles = []  # inside the DINOv2 centre crop, clear of the shapes
@@ -583,7 +583,7 @@ def make_scene(rng) -> tuple[Image.Image, list[dict], list[list[int]], int]:
     obj = a[..., 3] > 0
     noise = np.random.default_rng(rng.getrandbits(64)).normal(0, NOISE, (obj.sum(), 1)).round()
     rgb[obj] = np.clip(a[obj, :3] + noise, 0, 255)
-    return Image.fromarray(rgb), shapes, tiles, n_checkered
+    return Image.fromarray(rgb), shapes, n_checkered
 
 
 def scene_records(path, shapes, n_checkered) -> tuple[list[dict], list[dict]]:
@@ -621,7 +621,7 @@ def make_synth(out_dir="data/synth", n_train_images=1000, n_val_images=100, seed
     for split, n_images in (("train", n_train_images), ("val", n_val_images)):
         records, base = [], []
         for i in range(n_images):
-            img, shapes, _, n_checkered = make_scene(rng)
+            img, shapes, n_checkered = make_scene(rng)
             path = f"images/{split}_{i:05d}.png"
             img.save(out / path, compress_level=PNG_COMPRESS)
             r, b = scene_records(path, shapes, n_checkered)
