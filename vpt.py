@@ -384,6 +384,7 @@ class Sampler:
         self.original = data.load_image(image)  # crops come from the full-resolution original (vpt.md 3)
         view = data.limit_side(self.original, vc.image_resolution)
         pixel_values, grid = data.process_images([view], self.img_cfg)
+        self.view_inputs = (pixel_values, grid)  # the clip variant re-encodes exactly these
         ids, _ = data.encode_chat(self.tok, [{"role": "user", "content": self.prompt(question)}], grid, True,
                                   self.img_cfg.merge_size)
         dev = m.lm_head.weight.device
@@ -480,8 +481,7 @@ class Sampler:
         if m.vcfg.encoder == "dino":
             extra = data.process_dino_image(view, m.vcfg.image_resolution)[None].to(dev)  # (1, 3, 224, 224)
         else:
-            pv, grid = data.process_images([view], self.img_cfg)
-            extra = (pv.to(dev), grid.to(dev))
+            extra = tuple(t.to(dev) for t in self.view_inputs)  # (pixel_values, image_grid_thw) of the view
         f, counts = m.extra_features(extra)
         feats = m.projector(f, h, torch.zeros(f.size(0), dtype=torch.long, device=dev))  # (S, C): one image, one h
         ph = data.EXTRA_PLACEHOLDERS[m.vcfg.encoder][0]
