@@ -468,59 +468,59 @@ def collate(samples, pad_id, image_token_id, merge=2):
 
 # -----------------------------------------------------------------------------
 # the synthetic "look closer" set (nanoVPT's shakespeare_char): python data.py synth
-# 448x448 canvases whose answers are drawn in a fine checkerboard that the 112x112 global view averages to flat grey,
-# while a region crop (family 1: "What number is on the red triangle?", region tokens) or the 224x224 DINOv2 view
+# 224x224 canvases whose answers are drawn in a one-pixel checkerboard that the 112x112 global view averages to flat
+# grey, while a region crop (family 1: "What number is on the red circle?", region tokens) or the 224x224 DINOv2 view
 # (family 2: "How many checkered squares are there?", re-encoding tokens) still shows it. Plain black digits would
-# not do: shrinking keeps a mark's coarse ink layout, and a small probe reads them from the 112 px view (99 %).
+# not do: shrinking keeps a mark's coarse ink layout, and a small probe reads them from the global view.
 
-CANVAS = 448  # 4x the 112x112 global view (max_pixels = 112*112); the DINOv2 view (resize 256, crop 224) is 1.75x
-# A 4x4 grid and no crop margin (the paper: 8x8 and one cell), so one region is one token of the 4x4-token global
-# view, and its crop (a 112 px cell) is seen at full resolution, 4x the global view: a from-scratch model learns to
-# point at a token within minutes, not at a quarter of one.
-GRID, MARGIN = 4, 0
+CANVAS = 224  # 2x the 112x112 global view (max_pixels = 112*112); the DINOv2 view (resize 256, crop 224) is 1.14x
+# A 2x2 grid and no crop margin (the paper: 8x8 and one cell): a region is a quadrant, 2x2 tokens of the 4x4-token
+# global view, and its crop (112 px) is seen at full resolution, twice the global view's. Pointing from scratch is
+# the slow part of this task: on a 4x4 grid, 0.50 of the first cells were right after 500 steps of pointing alone.
+GRID, MARGIN = 2, 0
 CELL = CANVAS // GRID  # 112 px
-DINO_BORDER = CANVAS * 16 // 256  # 28 px: the DINOv2 centre crop (224 of 256) drops this much each side
-PALETTE = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (50, 90, 220), "yellow": (240, 210, 40),
-           "purple": (140, 60, 180), "orange": (245, 140, 30)}
-SHAPES = ("circle", "square", "triangle")
-N_SHAPES = (3, 4)
-SHAPE_SIZE = (64, 96)  # px; a shape sits inside one cell, so its crop is that cell
+DINO_BORDER = CANVAS * 16 // 256  # 14 px: the DINOv2 centre crop (224 of 256) drops this much each side
+PALETTE = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (50, 90, 220), "yellow": (240, 210, 40)}
+SHAPES = ("circle", "square")  # both hold the label plate whole
+# One to four shapes: the one-shape scenes teach where a shape is (learned in ~300 steps alone), the others which
+# shape the question means (with 3-4 shapes in every scene, pointing stays at chance after 300 steps)
+N_SHAPES = (1, 4)
+SHAPE_SIZE = (94, 104)  # px in a 112-px quadrant; the background ramp shows around every shape
 GAP = 8  # px kept free between objects
-# The fine detail: a 2-px checkerboard, phased so every 4x4 period is symmetric (zero mean, zero first moment).
-# PIL's bicubic 1/4 downscale turns it into its mean grey (two digits differ by a few levels there), while a crop
-# (1/1) and the DINOv2 view (1/1.75) keep it. Plain black digits differ by ~100 levels even at 1/4: a probe reads
-# them there.
-PERIOD = 4
+# The fine detail: a one-pixel checkerboard. PIL's bicubic 1/2 downscale averages every pair of neighbours, which
+# always differ, into their mean grey: exactly flat whatever the phase. A crop (1/1) and the DINOv2 view (1.14x) keep
+# it.
 DARK, LIGHT, GREY = 40, 216, 128  # GREY is the checkerboard's exact mean; 3 NOISE from 0 and 255, so no clipping
-NOISE = 12  # luminance noise std on objects: drowns the <= 3-level leftover at 1/4, not the checkerboard
-FONT = {  # 3x5 digits; each lit cell is 2x2 checkerboard periods, on a grey plate (no system font needed)
+NOISE = 12  # luminance noise std on objects
+FONT = {  # 3x5 digits; each lit cell is checkered, on a grey plate (no system font needed)
     "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###", "3": "### ..# ### ..# ###",
     "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
     "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###"}
-LIT = 2 * PERIOD  # px per font cell
-LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 40x24 px: a flat 10x6 px plate in the global view, crisp in a crop
-N_TILES, TILE = 9, 4 * PERIOD  # family 2: nine 16-px squares, some checkered and the rest plain grey
-# The background is a pale colour ramp, red growing left to right and blue top to bottom: the pixels themselves say
+# px per font cell, more than a 14-px ViT patch in a crop: with 14 px, digits read from the right crop (teacher
+# forced) were 0.16 right after 600 steps; with 16 px, 0.75 after 300
+LIT = 16
+LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 80x48 px; its half-diagonal (47 px) fits the smallest circle's radius (47)
+N_TILES, TILE = 5, 32  # family 2, on canvases of its own: five 32-px squares, some checkered, the rest plain grey
+# The background is a colour ramp, red growing left to right and blue top to bottom: the pixels themselves say
 # where they are. Qwen2-VL has no absolute position embedding (only RoPE), and a 3M-parameter model trained for
-# minutes does not learn to read a token's place from RoPE alone; a big pretrained model does.
-RAMP = (195, 250)
+# minutes does not learn to read a token's place from RoPE alone (a pale 195..250 ramp: first cells at chance after
+# 200 steps; this one: above chance, and the image tokens keep their variety instead of collapsing to one vector).
+RAMP = (60, 250)
 PNG_COMPRESS = 1  # the flat background compresses well anyway; level 1 keeps generation to seconds
 TOKENIZER_SIZE = 400  # BPE merges for the task's words: every word ends up one to four tokens
 ANSWER_PREFIX = "Now answer the question.\n"  # what a VPT answer starts with after its perception round (vpt.md 5.2)
 TILES_QUESTION = "How many checkered squares are there?"
 
 
-def label_origin(shape, box) -> tuple[int, int]:
-    """Top-left pixel of the label plate: centred on the shape, at the centroid height for the apex-up triangle."""
+def label_origin(box) -> tuple[int, int]:
+    """Top-left pixel of the label plate: centred on the shape."""
     x1, y1, x2, y2 = box
-    cy = y1 + 2 * (y2 - y1) / 3 if shape == "triangle" else (y1 + y2) / 2
-    return round((x1 + x2 - LABEL_W) / 2), round(cy - LABEL_H / 2)
+    return round((x1 + x2 - LABEL_W) / 2), round((y1 + y2 - LABEL_H) / 2)
 
 
 def checker(h, w) -> np.ndarray:
-    """(h, w) uint8 checkerboard starting at the symmetric phase; h, w multiples of PERIOD."""
-    on = np.isin(np.arange(max(h, w)) % PERIOD, (0, PERIOD - 1))
-    return np.where(on[:h, None] == on[None, :w], LIGHT, DARK).astype(np.uint8)
+    """(h, w) uint8 one-pixel checkerboard."""
+    return np.where((np.arange(h)[:, None] + np.arange(w)) % 2 == 0, LIGHT, DARK).astype(np.uint8)
 
 
 def label_pixels(digit) -> np.ndarray:
@@ -543,7 +543,7 @@ def _free(box, boxes) -> bool:
 
 
 def _draw_shapes(rng, draw) -> list[dict]:
-    """3-4 shapes of distinct colours, each inside its own grid cell, GAP/2 from the cell's edges."""
+    """1-4 shapes of distinct colours, each inside its own grid cell, GAP/2 from the cell's edges."""
     shapes = []
     cells = rng.sample(range(GRID * GRID), rng.randint(*N_SHAPES))
     for colour, cell in zip(rng.sample(sorted(PALETTE), len(cells)), cells):
@@ -551,29 +551,25 @@ def _draw_shapes(rng, draw) -> list[dict]:
         x = cell % GRID * CELL + rng.randint(GAP // 2, CELL - GAP // 2 - s)
         y = cell // GRID * CELL + rng.randint(GAP // 2, CELL - GAP // 2 - s)
         shape, fill, corners = rng.choice(SHAPES), PALETTE[colour] + (255,), (x, y, x + s - 1, y + s - 1)
-        if shape == "circle":
-            draw.ellipse(corners, fill=fill)  # PIL boxes include their last pixel
-        elif shape == "square":
-            draw.rectangle(corners, fill=fill)
-        else:
-            draw.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=fill)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(corners, fill=fill)  # PIL boxes include their last pixel
         shapes.append({"shape": shape, "colour": colour, "digit": str(rng.randint(0, 9)), "box": [x, y, x + s, y + s]})
     return shapes
 
 
-def make_scene(rng) -> tuple[Image.Image, list[dict], int]:
-    """One canvas -> (image, shapes as {shape, colour, digit, box}, number of checkered squares)."""
+def make_scene(rng, kind) -> tuple[Image.Image, list[dict], int]:
+    """One canvas -> (image, shapes as {shape, colour, digit, box}, number of checkered squares). kind "shapes": 1-4
+    labelled shapes; kind "tiles": N_TILES squares (they need room the shapes do not leave)."""
     layer = Image.new("RGBA", (CANVAS, CANVAS))  # objects only: alpha marks where the noise goes
-    shapes = _draw_shapes(rng, ImageDraw.Draw(layer))
-    tiles = []  # inside the DINOv2 centre crop, clear of the shapes
-    while len(tiles) < N_TILES:
+    shapes = _draw_shapes(rng, ImageDraw.Draw(layer)) if kind == "shapes" else []
+    tiles = []  # inside the DINOv2 centre crop
+    while kind == "tiles" and len(tiles) < N_TILES:
         x, y = (rng.randint(DINO_BORDER, CANVAS - DINO_BORDER - TILE) for _ in range(2))
-        if _free((x, y, x + TILE, y + TILE), [s["box"] for s in shapes] + tiles):
+        if _free((x, y, x + TILE, y + TILE), tiles):
             tiles.append([x, y, x + TILE, y + TILE])
-    n_checkered = rng.randint(0, N_TILES)
+    n_checkered = rng.randint(0, N_TILES) if tiles else 0
     a = np.array(layer)  # (H, W, 4)
     for s in shapes:
-        _paste(a, *label_origin(s["shape"], s["box"]), label_pixels(s["digit"]))
+        _paste(a, *label_origin(s["box"]), label_pixels(s["digit"]))
     for i, (x, y, _, _) in enumerate(tiles):
         _paste(a, x, y, checker(TILE, TILE) if i < n_checkered else np.full((TILE, TILE), GREY))
     # noise on the objects only: a noisy background would make each PNG ~100x larger
@@ -586,10 +582,11 @@ def make_scene(rng) -> tuple[Image.Image, list[dict], int]:
     return Image.fromarray(rgb), shapes, n_checkered
 
 
-def scene_records(path, shapes, n_checkered) -> tuple[list[dict], list[dict]]:
-    """One scene -> (VPT records, baseline records): a label question per shape, then the tile-count question."""
+def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], list[dict]]:
+    """One scene -> (VPT records, baseline records): a label question per shape, or the tile-count question. where:
+    also a "Where is the red circle?" record per shape, answered by the region alone: twice the pointing signal (the
+    slow part to learn), for training."""
     import vpt  # vpt builds on this module; only the synthetic set needs it back
-    act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
     records, base = [], []
     for s in shapes:
         q = f"What number is on the {s['colour']} {s['shape']}?"
@@ -600,18 +597,25 @@ def scene_records(path, shapes, n_checkered) -> tuple[list[dict], list[dict]]:
             {"role": "user", "content": "<image>"}, {"role": "assistant", "content": ANSWER_PREFIX + s["digit"]}],
             "images": [path, f"{path}_{crop}"], "box": s["box"]})
         base.append((q, s["digit"]))
-    records.append({"messages": [
-        {"role": "user", "content": f"<image>\n{TILES_QUESTION}"}, {"role": "assistant", "content": act},
-        {"role": "user", "content": "<detection_image>"}, {"role": "assistant", "content": ANSWER_PREFIX + str(n_checkered)}],
-        "images": [path], "detection_images": [path]})
-    base.append((TILES_QUESTION, str(n_checkered)))
+        if where:
+            records.append({"messages": [{"role": "user", "content": f"<image>\nWhere is the {s['colour']} {s['shape']}?"},
+                                         {"role": "assistant", "content": vpt.region_text(cells)}],
+                            "images": [path], "box": s["box"]})
+    if not shapes:
+        act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
+        records.append({"messages": [
+            {"role": "user", "content": f"<image>\n{TILES_QUESTION}"}, {"role": "assistant", "content": act},
+            {"role": "user", "content": "<detection_image>"},
+            {"role": "assistant", "content": ANSWER_PREFIX + str(n_checkered)}],
+            "images": [path], "detection_images": [path]})
+        base.append((TILES_QUESTION, str(n_checkered)))
     # the baseline twins: the same image, question and answer, without perception tokens
     base = [{"messages": [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
              "images": [path]} for q, a in base]
     return records, base
 
 
-def make_synth(out_dir="data/synth", n_train_images=1000, n_val_images=100, seed=1337) -> dict:
+def make_synth(out_dir="data/synth", n_train_images=2000, n_val_images=150, seed=1337) -> dict:
     """Writes images/, train.jsonl and val.jsonl (VPT records), train_baseline.jsonl and val_baseline.jsonl, and
     tokenizer.json (the task's words, Qwen's special tokens, the VPT tokens). Returns the records per file."""
     import vpt
@@ -621,10 +625,10 @@ def make_synth(out_dir="data/synth", n_train_images=1000, n_val_images=100, seed
     for split, n_images in (("train", n_train_images), ("val", n_val_images)):
         records, base = [], []
         for i in range(n_images):
-            img, shapes, n_checkered = make_scene(rng)
+            img, shapes, n_checkered = make_scene(rng, "tiles" if i % 3 == 2 else "shapes")
             path = f"images/{split}_{i:05d}.png"
             img.save(out / path, compress_level=PNG_COMPRESS)
-            r, b = scene_records(path, shapes, n_checkered)
+            r, b = scene_records(path, shapes, n_checkered, where=split == "train")
             records += r
             base += b
         for name, rs in ((split, records), (f"{split}_baseline", base)):

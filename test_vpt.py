@@ -1162,44 +1162,45 @@ def test_synth_is_deterministic_and_well_formed(synth_dir, tmp_path):
     assert (synth_dir / "train.jsonl").read_bytes() != (tmp_path / "other" / "train.jsonl").read_bytes()
     tok = Tokenizer(synth_dir)
     ids = vpt.Tokens.of(tok, "dino", data.GRID)  # every perception token is there, and each is one id
-    for name in ("<|region_token_start|>", "<|x_3|>", "<|detection_action|>", "<|detection_image_pad|>"):
+    for name in ("<|region_token_start|>", f"<|x_{data.GRID - 1}|>", "<|detection_action|>", "<|detection_image_pad|>"):
         assert len(tok.encode(f"a{name}7")) == 3
     records = data.read_records(synth_dir / "train.jsonl")
     base = data.read_records(synth_dir / "train_baseline.jsonl")
-    assert len(records) == len(base) and any("box" in r for r in records) and any("detection_images" in r for r in records)
-    for r, b in zip(records, base):
+    answered = [r for r in records if len(r["messages"]) == 4]  # the rest: "Where is ...?", answered by a region
+    assert len(answered) == len(base) and len(records) > len(base) and any("detection_images" in r for r in records)
+    assert all(r["messages"][0]["content"].startswith("<image>\nWhere is") for r in records if r not in answered)
+    for r, b in zip(answered, base):
         assert b["messages"][-1]["content"] == r["messages"][-1]["content"].removeprefix(data.ANSWER_PREFIX)
+    for r in records:
         if "box" in r:
             (xs, ys), = vpt.parse_regions(r["messages"][1]["content"])
             x1, y1, x2, y2 = r["box"]
             assert vpt.box_to_cells(r["box"], data.CANVAS, data.CANVAS, data.GRID) == (xs[0], ys[0], xs[1], ys[1])
-            _, crop = data.parse_image_ref(r["images"][1], "")
-            assert crop[0] <= x1 and crop[1] <= y1 and x2 <= crop[2] and y2 <= crop[3], "the crop must hold the box"
+            _, crop = data.parse_image_ref(r["images"][-1], "")  # a "Where is" record: the whole image
+            assert crop is None if len(r["images"]) == 1 else crop[0] <= x1 and crop[1] <= y1 and x2 <= crop[2] and y2 <= crop[3], "the crop must hold the box"
     assert ids.region_start in tok.encode(records[0]["messages"][1]["content"]) or ids.act_start in tok.encode(
         records[0]["messages"][1]["content"])
 
 
 def test_synth_labels_vanish_in_the_global_view_only():
-    """The design claim: all ten digits look alike (within a few grey levels) at the global view's 1/4 scale and
-    differ clearly in a crop (full resolution) and in the DINOv2 view (1/1.75)."""
-    def view(digit, scale):
-        canvas = np.full((56, 56), data.GREY, np.uint8)
-        canvas[8:8 + data.LABEL_H, 16:16 + data.LABEL_W] = data.label_pixels(digit)
-        side = round(56 * scale)
+    """The design claim: all ten digits look alike (within a few grey levels) at the global view's 1/2 scale, at
+    either pixel phase, and differ clearly in a crop (full resolution); the counting family's checkered and plain
+    squares likewise at 1/2 and in the DINOv2 view (224 -> 256)."""
+    def view(pixels, x, scale):
+        canvas = np.full((96, 96), data.GREY, np.uint8)
+        h, w = pixels.shape
+        canvas[9:9 + h, x:x + w] = pixels
+        side = round(96 * scale)
         return np.asarray(Image.fromarray(canvas).resize((side, side), Image.BICUBIC), np.float32)
-    for scale, lo, hi in ((1 / 4, 0, 6), (1.0, 40, 255)):
-        views = [view(str(d), scale) for d in range(10)]
-        gap = min(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:])
-        worst = max(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:])
-        assert (lo <= gap if lo else worst <= hi), f"scale {scale}: closest pair {gap}, farthest {worst}"
-    # the counting family: a checkered square and a plain one, in the global view and the DINOv2 view
-    def tile(checkered, scale):
-        canvas = np.full((64, 64), data.GREY, np.uint8)
-        canvas[24:24 + data.TILE, 24:24 + data.TILE] = data.checker(data.TILE, data.TILE) if checkered else data.GREY
-        side = round(64 * scale)
-        return np.asarray(Image.fromarray(canvas).resize((side, side), Image.BICUBIC), np.float32)
-    assert np.abs(tile(True, 1 / 4) - tile(False, 1 / 4)).max() <= 6
-    assert np.abs(tile(True, 256 / 448) - tile(False, 256 / 448)).max() >= 40
+    for x in (16, 17):  # the plate's phase against the 2-px downscale
+        for scale, lo, hi in ((1 / 2, 0, 6), (1.0, 40, 255)):
+            views = [view(data.label_pixels(str(d)), x, scale) for d in range(10)]
+            gap = min(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:])
+            worst = max(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:])
+            assert (lo <= gap if lo else worst <= hi), f"x {x}, scale {scale}: closest pair {gap}, farthest {worst}"
+        plain, checkered = np.full((data.TILE, data.TILE), data.GREY, np.uint8), data.checker(data.TILE, data.TILE)
+        assert np.abs(view(checkered, x, 1 / 2) - view(plain, x, 1 / 2)).max() <= 6
+        assert np.abs(view(checkered, x, 256 / 224) - view(plain, x, 256 / 224)).max() >= 40
 
 
 def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
@@ -1223,3 +1224,23 @@ def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
     assert r["region"] == 0.0 and 0.0 <= r["accuracy"] <= 1.0
     out = capsys.readouterr().out
     assert f"({n} records, --vpt region): exact match" in out and "region IoU" in out
+
+
+def test_demo_answers_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, capsys):
+    """python sample.py with no arguments (the README's third command): the quick start's model shipped in
+    assets/synth answers the demo question about assets/demo.png, prints the region tokens and draws the region."""
+    import random
+    import sample
+    img, shapes, _ = data.make_scene(random.Random(2033), "shapes")
+    shipped = np.asarray(Image.open(os.path.join(sample.ASSETS, "demo.png")).convert("RGB"))
+    assert np.array_equal(np.asarray(img), shipped), "assets/demo.png is not the scene the demo question is about"
+    truth, = (s for s in shapes if f"{s['colour']} {s['shape']}" in sample.DEMO_QUESTION)
+    monkeypatch.chdir(tmp_path)
+    sample.main([])
+    out, err = capsys.readouterr()
+    cells = vpt.box_to_cells(truth["box"], data.CANVAS, data.CANVAS, data.GRID)
+    assert vpt.region_text(cells) in err, err  # the region tokens of the right quadrant, on stderr
+    assert out.strip().removeprefix(data.ANSWER_PREFIX.strip()).strip() == truth["digit"], out
+    viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)
+    x1, y1, x2, y2 = vpt.cells_to_box(cells[0::2], cells[1::2], data.CANVAS, data.CANVAS, data.GRID, data.MARGIN)
+    assert (viz[y1, x1:x2] == (255, 0, 0)).all(), "the selected region is drawn in red"
