@@ -1,5 +1,6 @@
 """
 Ask a model a question about images; the answer streams to stdout, perception tokens and timings go to stderr.
+    python sample.py      # no arguments: the shipped synthetic VPT model (assets/synth) on assets/demo.png, offline
     python sample.py --init_from Qwen/Qwen2-VL-2B-Instruct --image photo.jpg --prompt "What is in this image?"
     python sample.py --init_from rp-yu/Qwen2-VL-2b-VPT-Det --image photo.jpg --prompt "..." --vpt region --save_viz out.png
 A VPT checkpoint (model_type qwen2_vl_vpt) answers through vpt.Sampler: with --vpt free it decides itself whether
@@ -19,7 +20,15 @@ import model as M
 import vpt
 
 
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEMO_QUESTION = "What number is on the green square?"  # assets/demo.png: data.make_scene(random.Random(2033), "shapes")
+# the no-argument demo: the quick start's model, trained by config/synth.py and shipped in bfloat16 (~6 MB)
+DEMO = ["--init_from", os.path.join(ASSETS, "synth"), "--image", os.path.join(ASSETS, "demo.png"),
+        "--prompt", DEMO_QUESTION, "--max_new_tokens", "32", "--save_viz", "demo_region.png"]
+
+
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default="Qwen/Qwen2-VL-2B-Instruct", help="checkpoint directory or Hub id")
     p.add_argument("--image", action="append", default=[], help="image path; repeat for several images")
@@ -35,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer")
     p.add_argument("--save_viz", default=None, help="write the image with the selected regions drawn in red")
     p.add_argument("--eval", default=None, help="a records file (.jsonl): exact-match accuracy and perception use")
-    return p.parse_args(argv)
+    return p.parse_args(argv or DEMO)
 
 
 class Streamer:
