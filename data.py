@@ -468,7 +468,7 @@ def collate(samples, pad_id, image_token_id, merge=2):
 
 # -----------------------------------------------------------------------------
 # the synthetic "look closer" set (nanoVPT's shakespeare_char): python data.py synth
-# 224x224 canvases whose answers are drawn in a one-pixel checkerboard that the 112x112 global view averages to flat
+# 224x224 canvases whose answers are drawn in a one-pixel checkerboard that the 112x112 global view averages to
 # grey, while a region crop (family 1: "What number is on the red circle?", region tokens) or the 224x224 DINOv2 view
 # (family 2: "How many checkered squares are there?", re-encoding tokens) still shows it. Plain black digits would
 # not do: shrinking keeps a mark's coarse ink layout, and a small probe reads them from the global view.
@@ -488,8 +488,8 @@ N_SHAPES = (1, 4)
 SHAPE_SIZE = (94, 104)  # px in a 112-px quadrant; the background ramp shows around every shape
 GAP = 8  # px kept free between objects
 # The fine detail: a one-pixel checkerboard. PIL's bicubic 1/2 downscale averages every pair of neighbours, which
-# always differ, into their mean grey: exactly flat whatever the phase. A crop (1/1) and the DINOv2 view (1.14x) keep
-# it.
+# always differ, into their mean grey: flat inside a font cell whatever the phase (at an odd phase the cells' edges
+# leave one-pixel lines of up to 16 levels, under the objects' noise). A crop (1/1) and the DINOv2 view keep it.
 DARK, LIGHT, GREY = 40, 216, 128  # GREY is the checkerboard's exact mean; 3 NOISE from 0 and 255, so no clipping
 NOISE = 12  # luminance noise std on objects
 FONT = {  # 3x5 digits; each lit cell is checkered, on a grey plate (no system font needed)
@@ -497,14 +497,14 @@ FONT = {  # 3x5 digits; each lit cell is checkered, on a grey plate (no system f
     "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
     "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###"}
 # px per font cell, more than a 14-px ViT patch in a crop: with 14 px, digits read from the right crop (teacher
-# forced) were 0.16 right after 600 steps; with 16 px, 0.75 after 300
+# forced) were 0.16 right after 600 steps; with 16 px, 0.42 after 700 (0.75 after 300 with 3-4 shapes per scene)
 LIT = 16
 LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 80x48 px; its half-diagonal (47 px) fits the smallest circle's radius (47)
 N_TILES, TILE = 5, 32  # family 2, on canvases of its own: five 32-px squares, some checkered, the rest plain grey
 # The background is a colour ramp, red growing left to right and blue top to bottom: the pixels themselves say
 # where they are. Qwen2-VL has no absolute position embedding (only RoPE), and a 3M-parameter model trained for
-# minutes does not learn to read a token's place from RoPE alone (a pale 195..250 ramp: first cells at chance after
-# 200 steps; this one: above chance, and the image tokens keep their variety instead of collapsing to one vector).
+# minutes does not learn to read a token's place from RoPE alone. (Kept from the first version of this set, made
+# stronger; not measured on its own against a plain background here.)
 RAMP = (60, 250)
 PNG_COMPRESS = 1  # the flat background compresses well anyway; level 1 keeps generation to seconds
 TOKENIZER_SIZE = 400  # BPE merges for the task's words: every word ends up one to four tokens
