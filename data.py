@@ -480,32 +480,42 @@ CANVAS = 224  # 2x the 112x112 global view (max_pixels = 112*112); the DINOv2 vi
 GRID, MARGIN = 2, 0
 CELL = CANVAS // GRID  # 112 px
 DINO_BORDER = CANVAS * 16 // 256  # 14 px: the DINOv2 centre crop (224 of 256) drops this much each side
-PALETTE = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (50, 90, 220), "yellow": (240, 210, 40)}
+# Every object colour has G <= 130 and the background G = 235, so no shape can pass for background in any quadrant
+# (the first palette's yellow (240, 210, 40) was all but the top-right background, (250, 235, 60))
+PALETTE = {"red": (215, 35, 35), "orange": (235, 125, 20), "green": (30, 125, 45), "blue": (45, 70, 220)}
 SHAPES = ("circle", "square")  # both hold the label plate whole
 # One to four shapes: the one-shape scenes teach where a shape is (learned in ~300 steps alone), the others which
 # shape the question means (with 3-4 shapes in every scene, pointing stays at chance after 300 steps)
 N_SHAPES = (1, 4)
-SHAPE_SIZE = (94, 104)  # px in a 112-px quadrant; the background ramp shows around every shape
+SHAPE_SIZE = (84, 90)  # px (even: a shape centres on its plate exactly) in a 112-px quadrant; the tint shows around it
 GAP = 8  # px kept free between objects
 # The fine detail: a one-pixel checkerboard. PIL's bicubic 1/2 downscale averages every pair of neighbours, which
-# always differ, into their mean grey: flat inside a font cell whatever the phase (at an odd phase the cells' edges
-# leave one-pixel lines of up to 16 levels, under the objects' noise). A crop (1/1) and the DINOv2 view keep it.
+# always differ, into their mean grey: flat inside a font cell. Plates start on even pixels, where only the cells'
+# corners leave up to 4 grey levels (at an odd phase their edges would leave lines of 16), under the objects' noise.
+# A crop (1/1) and the DINOv2 view keep the checkerboard.
 DARK, LIGHT, GREY = 40, 216, 128  # GREY is the checkerboard's exact mean; 3 NOISE from 0 and 255, so no clipping
 NOISE = 12  # luminance noise std on objects
 FONT = {  # 3x5 digits; each lit cell is checkered, on a grey plate (no system font needed)
     "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###", "3": "### ..# ### ..# ###",
     "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
     "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###"}
-# px per font cell, more than a 14-px ViT patch in a crop: with 14 px, digits read from the right crop (teacher
-# forced) were 0.16 right after 600 steps; with 16 px, 0.42 after 700 (0.75 after 300 with 3-4 shapes per scene)
-LIT = 16
-LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 80x48 px; its half-diagonal (47 px) fits the smallest circle's radius (47)
+# A font cell is one ViT patch, and plates sit on the 14-px patch grid, which is also every quadrant crop's grid
+# (112 = 8 * 14): in a crop each patch is all checkerboard or all plain grey. Cells of 16 px at any offset (the
+# first version) straddled patches: digits read from the right crop (teacher forced) 0.42 right after 700 steps;
+# 14-px cells at any offset, 0.16 after 600.
+LIT = PATCH = 14
+LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 70x42 px; its half-diagonal (40.8 px) fits the smallest circle's radius (42)
+# plate offsets in a quadrant, on the patch grid, that leave room for the largest shape centred on the plate
+PLATE_X, PLATE_Y = ([o for o in range(0, CELL, PATCH) if GAP // 2 <= o + (n - SHAPE_SIZE[1]) // 2 and
+                     o + (n + SHAPE_SIZE[1]) // 2 <= CELL - GAP // 2] for n in (LABEL_W, LABEL_H))
 N_TILES, TILE = 5, 32  # family 2, on canvases of its own: five 32-px squares, some checkered, the rest plain grey
-# The background is a colour ramp, red growing left to right and blue top to bottom: the pixels themselves say
-# where they are. Qwen2-VL has no absolute position embedding (only RoPE), and a 3M-parameter model trained for
-# minutes does not learn to read a token's place from RoPE alone. (Kept from the first version of this set, made
-# stronger; not measured on its own against a plain background here.)
-RAMP = (60, 250)
+# The background says where it is: red low in the left half and high in the right, blue low in the top half and high
+# in the bottom, so each quadrant has its own tint. Qwen2-VL has no absolute position embedding (only RoPE), and the
+# 3M-parameter model trained for minutes reads places from the pixels: drawn on a plain background, the val scenes'
+# first region cells fall to chance (0.51) for a model trained on smooth ramps. With those ramps (R and B from 60
+# to 250) the y cell was never learned when scenes held several shapes (0.50 of single shapes after 300 steps of
+# pointing, 1.00 with these tints).
+TINT = (60, 250)
 PNG_COMPRESS = 1  # the flat background compresses well anyway; level 1 keeps generation to seconds
 TOKENIZER_SIZE = 400  # BPE merges for the task's words: every word ends up one to four tokens
 ANSWER_PREFIX = "Now answer the question.\n"  # what a VPT answer starts with after its perception round (vpt.md 5.2)
@@ -543,13 +553,14 @@ def _free(box, boxes) -> bool:
 
 
 def _draw_shapes(rng, draw) -> list[dict]:
-    """1-4 shapes of distinct colours, each inside its own grid cell, GAP/2 from the cell's edges."""
+    """1-4 shapes of distinct colours, each inside its own grid cell, GAP/2 from the cell's edges, centred on a
+    plate placed on the patch grid (label_origin gives the plate back)."""
     shapes = []
     cells = rng.sample(range(GRID * GRID), rng.randint(*N_SHAPES))
     for colour, cell in zip(rng.sample(sorted(PALETTE), len(cells)), cells):
-        s = rng.randint(*SHAPE_SIZE)
-        x = cell % GRID * CELL + rng.randint(GAP // 2, CELL - GAP // 2 - s)
-        y = cell // GRID * CELL + rng.randint(GAP // 2, CELL - GAP // 2 - s)
+        s = rng.randrange(SHAPE_SIZE[0], SHAPE_SIZE[1] + 1, 2)
+        x = cell % GRID * CELL + rng.choice(PLATE_X) + (LABEL_W - s) // 2
+        y = cell // GRID * CELL + rng.choice(PLATE_Y) + (LABEL_H - s) // 2
         shape, fill, corners = rng.choice(SHAPES), PALETTE[colour] + (255,), (x, y, x + s - 1, y + s - 1)
         (draw.ellipse if shape == "circle" else draw.rectangle)(corners, fill=fill)  # PIL boxes include their last pixel
         shapes.append({"shape": shape, "colour": colour, "digit": str(rng.randint(0, 9)), "box": [x, y, x + s, y + s]})
@@ -573,9 +584,8 @@ def make_scene(rng, kind) -> tuple[Image.Image, list[dict], int]:
     for i, (x, y, _, _) in enumerate(tiles):
         _paste(a, x, y, checker(TILE, TILE) if i < n_checkered else np.full((TILE, TILE), GREY))
     # noise on the objects only: a noisy background would make each PNG ~100x larger
-    ramp = np.linspace(*RAMP, CANVAS)
-    rgb = np.stack(np.broadcast_arrays(ramp[None, :], np.full((1, 1), 235.0), ramp[:, None]), -1).round()
-    rgb = rgb.astype(np.uint8)  # (H, W, 3): R follows x, B follows y
+    half = np.where(np.arange(CANVAS) < CANVAS // 2, *TINT).astype(np.uint8)  # (W,): low, then high
+    rgb = np.stack(np.broadcast_arrays(half[None, :], np.uint8(235), half[:, None]), -1).copy()  # (H, W, 3)
     obj = a[..., 3] > 0
     noise = np.random.default_rng(rng.getrandbits(64)).normal(0, NOISE, (obj.sum(), 1)).round()
     rgb[obj] = np.clip(a[obj, :3] + noise, 0, 255)
@@ -585,22 +595,23 @@ def make_scene(rng, kind) -> tuple[Image.Image, list[dict], int]:
 def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], list[dict]]:
     """One scene -> (VPT records, baseline records): a label question per shape, or the tile-count question. where:
     also a "Where is the red circle?" record per shape, answered by the region alone: twice the pointing signal (the
-    slow part to learn), for training."""
+    slow part to learn), for training. (One label question per scene instead of one per shape: digits read from the
+    right crop 0.37 instead of 0.86 after 700 steps.)"""
     import vpt  # vpt builds on this module; only the synthetic set needs it back
     records, base = [], []
     for s in shapes:
-        q = f"What number is on the {s['colour']} {s['shape']}?"
         cells = vpt.box_to_cells(s["box"], CANVAS, CANVAS, GRID)
+        if where:
+            records.append({"messages": [{"role": "user", "content": f"<image>\nWhere is the {s['colour']} {s['shape']}?"},
+                                         {"role": "assistant", "content": vpt.region_text(cells)}],
+                            "images": [path], "box": s["box"]})
+        q = f"What number is on the {s['colour']} {s['shape']}?"
         crop = ",".join(map(str, vpt.cells_to_box(cells[0::2], cells[1::2], CANVAS, CANVAS, GRID, MARGIN)))
         records.append({"messages": [
             {"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": vpt.region_text(cells)},
             {"role": "user", "content": "<image>"}, {"role": "assistant", "content": ANSWER_PREFIX + s["digit"]}],
             "images": [path, f"{path}_{crop}"], "box": s["box"]})
         base.append((q, s["digit"]))
-        if where:
-            records.append({"messages": [{"role": "user", "content": f"<image>\nWhere is the {s['colour']} {s['shape']}?"},
-                                         {"role": "assistant", "content": vpt.region_text(cells)}],
-                            "images": [path], "box": s["box"]})
     if not shapes:
         act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
         records.append({"messages": [
