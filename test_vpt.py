@@ -1249,9 +1249,9 @@ def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
 def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, capsys):
     """python sample.py with no arguments (the README's third command): the quick start's model shipped in
     assets/synth answers the demo question about assets/demo.png, prints its region tokens and draws the region.
-    The README says it picks the green square's quadrant and reads its digit; it does so for 0.46 of the validation
-    questions, so this holds the shipped checkpoint and the sampler to that one answer (greedy, bf16; the closest
-    call is the y cell at 0.56 against 0.44)."""
+    The README says it picks the green square's quadrant and reads its digit (it reads 0.50 of the validation
+    digits), so this holds the shipped checkpoint and the sampler to that one answer (greedy, bf16; the closest call
+    is the y cell, 0.56 against 0.44)."""
     import random
     import sample
     img, shapes, _ = data.make_scene(random.Random(2033), "shapes")
