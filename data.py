@@ -503,7 +503,7 @@ FONT = {  # 3x5 digits; each lit cell is checkered, on a grey plate (no system f
 # (112 = 8 * 14): in a crop each patch is all checkerboard or all plain grey. Cells of 16 px at any offset (the
 # first version) straddled patches: digits read from the right crop (teacher forced) 0.42 right after 700 steps;
 # 14-px cells at any offset, 0.16 after 600.
-LIT = PATCH = 14
+LIT = PATCH = ImageConfig.patch_size  # 14 px
 LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 70x42 px; its half-diagonal (40.8 px) fits the smallest circle's radius (42)
 # plate offsets in a quadrant, on the patch grid, that leave room for the largest shape centred on the plate
 PLATE_X, PLATE_Y = ([o for o in range(0, CELL, PATCH) if GAP // 2 <= o + (n - SHAPE_SIZE[1]) // 2 and
