@@ -613,7 +613,7 @@ def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], l
             "images": [path, f"{path}_{crop}"], "box": s["box"]})
         base.append((q, s["digit"]))
     if not shapes:
-        act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
+        act = "".join(vpt.token_strings("dino", GRID)[1][-3:])  # <|detection_action_start|>, _action|>, _action_end|>
         records.append({"messages": [
             {"role": "user", "content": f"<image>\n{TILES_QUESTION}"}, {"role": "assistant", "content": act},
             {"role": "user", "content": "<detection_image>"},
