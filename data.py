@@ -505,8 +505,8 @@ FONT = {  # 3x5 digits; each lit cell is checkered, on a grey plate (no system f
 # digits read from the right crop (teacher forced) 0.42 right after 700 steps; 14-px cells at any offset, 0.16 after
 # 600. On the 14-px patch grid (four token layouts of a digit), digits and counts read given the right crop or view
 # 0.83, 0.85 and 0.14 in three seeds; on the token grid 0.86, 0.88 and 0.76 (digits alone 1.00, 1.00, 0.87).
-LIT = PATCH = ImageConfig.patch_size  # 14 px
-TOKEN_PX = PATCH * ImageConfig.merge_size  # 28 px: one LLM image token
+LIT = ImageConfig.patch_size  # 14 px: a font cell is one ViT patch
+TOKEN_PX = LIT * ImageConfig.merge_size  # 28 px: one LLM image token (2x2 patches)
 LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 70x42 px; its half-diagonal (40.8 px) fits the smallest circle's radius (42)
 # plate offsets in a quadrant, on the token grid, that leave room for the largest shape centred on the plate: only 28
 # in x and y, so a shape's place in its quadrant varies with its size alone
