@@ -10,14 +10,13 @@ m merge size (2); gh, gw patch grid (H/p, W/p); Np patches in an image (gh*gw).
 import json
 import math
 import os
-import random
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -341,6 +340,7 @@ def next_turn(tok, content, image_tokens=None, extra=None) -> list[int]:
 DINO_TOKENS = (DINO_CROP // 14) ** 2  # 256: the 16 x 16 patches of a 224 px crop
 # the extra placeholders: the DINOv2 view (always 256 tokens) and the clip view (as many as the image gives)
 EXTRA_PLACEHOLDERS = {"dino": ("<detection_image>", "detection_images"), "clip": ("<clip_image>", "clip_images")}
+ANSWER_PREFIX = "Now answer the question.\n"  # what a VPT answer starts with after its perception round (vpt.md 5.2)
 
 
 def parse_image_ref(ref, base_dir):
@@ -464,204 +464,3 @@ def collate(samples, pad_id, image_token_id, merge=2):
                 pixel_values=cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]),
                 image_grid_thw=grids, extra=extras, extra_rows=extra_rows,
                 mask_modeling=torch.zeros(B, dtype=torch.bool))
-
-
-# -----------------------------------------------------------------------------
-# the synthetic "look closer" set (nanoVPT's shakespeare_char): python data.py synth
-# 224x224 canvases whose answers are drawn in a one-pixel checkerboard that the 112x112 global view averages to
-# grey, while a region crop (family 1: "What number is on the red circle?", region tokens) or the 224x224 DINOv2 view
-# (family 2: "How many checkered squares are there?", re-encoding tokens) still shows it. Plain black digits would
-# not do: shrinking keeps a mark's coarse ink layout, and a small probe reads them from the global view.
-
-CANVAS = 224  # 2x the 112x112 global view (max_pixels = 112*112); the DINOv2 view (resize 256, crop 224) is 1.14x
-# A 2x2 grid and no crop margin (the paper: 8x8 and one cell): a region is a quadrant, 2x2 tokens of the 4x4-token
-# global view, and its crop (112 px) is seen at full resolution, twice the global view's. Pointing from scratch is
-# the slow part of this task: on a 4x4 grid, 0.50 of the first cells were right after 500 steps of pointing alone.
-GRID, MARGIN = 2, 0
-CELL = CANVAS // GRID  # 112 px
-DINO_BORDER = CANVAS * 16 // 256  # 14 px: the DINOv2 centre crop (224 of 256) drops this much each side
-# Every object colour has G <= 130 and the background G = 235, so no shape can pass for background in any quadrant
-# (the first palette's yellow (240, 210, 40) was all but the top-right background, (250, 235, 60))
-PALETTE = {"red": (215, 35, 35), "orange": (235, 125, 20), "green": (30, 125, 45), "blue": (45, 70, 220)}
-SHAPES = ("circle", "square")  # both hold the label plate whole
-# One to four shapes: the one-shape scenes teach where a shape is (learned in ~300 steps alone), the others which
-# shape the question means (with 3-4 shapes in every scene, pointing stays at chance after 300 steps)
-N_SHAPES = (1, 4)
-SHAPE_SIZE = (84, 90)  # px (even: a shape centres on its plate exactly) in a 112-px quadrant; the tint shows around it
-GAP = 8  # px kept free between objects
-# The fine detail: a one-pixel checkerboard. PIL's bicubic 1/2 downscale averages every pair of neighbours, which
-# always differ, into their mean grey: flat inside a font cell. Plates start on even pixels, where only the cells'
-# corners leave up to 4 grey levels (at an odd phase their edges would leave lines of 16), under the objects' noise.
-# A crop (1/1) and the DINOv2 view keep the checkerboard.
-DARK, LIGHT, GREY = 40, 216, 128  # GREY is the checkerboard's exact mean; 3 NOISE from 0 and 255, so no clipping
-NOISE = 12  # luminance noise std on objects
-FONT = {  # 3x5 digits; each lit cell is checkered, on a grey plate (no system font needed)
-    "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###", "3": "### ..# ### ..# ###",
-    "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
-    "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###"}
-# A font cell is one ViT patch, and plates sit on the 28-px token grid (a 2x2 merge of patches), which is also every
-# quadrant crop's grid (112 = 4 * 28): in a crop each patch is all checkerboard or all plain grey, and a digit fills
-# the same 2x3 crop tokens wherever its shape is. Cells of 16 px at any offset (the first version) straddled patches:
-# digits read from the right crop (teacher forced) 0.42 right after 700 steps; 14-px cells at any offset, 0.16 after
-# 600. On the 14-px patch grid (four token layouts of a digit), digits and counts read given the right crop or view
-# 0.83, 0.85 and 0.14 in three seeds; on the token grid 0.86, 0.88 and 0.76 (digits alone 1.00, 1.00, 0.87).
-LIT = ImageConfig.patch_size  # 14 px: a font cell is one ViT patch
-TOKEN_PX = LIT * ImageConfig.merge_size  # 28 px: one LLM image token (2x2 patches)
-LABEL_H, LABEL_W = 5 * LIT, 3 * LIT  # 70x42 px; its half-diagonal (40.8 px) fits the smallest circle's radius (42)
-# plate offsets in a quadrant, on the token grid, that leave room for the largest shape centred on the plate: only 28
-# in x and y, so a shape's place in its quadrant varies with its size alone
-PLATE_X, PLATE_Y = ([o for o in range(0, CELL, TOKEN_PX) if GAP // 2 <= o + (n - SHAPE_SIZE[1]) // 2 and
-                     o + (n + SHAPE_SIZE[1]) // 2 <= CELL - GAP // 2] for n in (LABEL_W, LABEL_H))
-N_TILES, TILE = 5, 32  # family 2, on canvases of its own: five 32-px squares, some checkered, the rest plain grey
-# The background says where it is: red low in the left half and high in the right, blue low in the top half and high
-# in the bottom, so each quadrant has its own tint. Qwen2-VL has no absolute position embedding (only RoPE), and the
-# 3M-parameter model trained for minutes reads places from the pixels: drawn on a plain background, the val scenes'
-# first region cells fall to chance (0.51) for a model trained on smooth ramps. With those ramps (R and B from 60
-# to 250) the y cell was never learned when scenes held several shapes (0.50 of single shapes after 300 steps of
-# pointing, 1.00 with these tints).
-TINT = (60, 250)
-PNG_COMPRESS = 1  # the flat background compresses well anyway; level 1 keeps generation to seconds
-TOKENIZER_SIZE = 400  # BPE merges for the task's words: every word ends up one to four tokens
-ANSWER_PREFIX = "Now answer the question.\n"  # what a VPT answer starts with after its perception round (vpt.md 5.2)
-TILES_QUESTION = "How many checkered squares are there?"
-
-
-def label_origin(box) -> tuple[int, int]:
-    """Top-left pixel of the label plate: centred on the shape."""
-    x1, y1, x2, y2 = box
-    return round((x1 + x2 - LABEL_W) / 2), round((y1 + y2 - LABEL_H) / 2)
-
-
-def checker(h, w) -> np.ndarray:
-    """(h, w) uint8 one-pixel checkerboard."""
-    return np.where((np.arange(h)[:, None] + np.arange(w)) % 2 == 0, LIGHT, DARK).astype(np.uint8)
-
-
-def label_pixels(digit) -> np.ndarray:
-    """(LABEL_H, LABEL_W) grey plate with the digit's lit cells checkered."""
-    lit = np.array([[bit == "#" for bit in row] for row in FONT[digit].split()])  # (5, 3)
-    lit = lit.repeat(LIT, 0).repeat(LIT, 1)  # (LABEL_H, LABEL_W)
-    return np.where(lit, checker(LABEL_H, LABEL_W), GREY).astype(np.uint8)
-
-
-def _paste(a, x, y, pixels):
-    """Writes an (h, w) grey image, opaque, into the (H, W, 4) RGBA array at (x, y)."""
-    h, w = pixels.shape
-    a[y:y + h, x:x + w, :3] = pixels[..., None]
-    a[y:y + h, x:x + w, 3] = 255
-
-
-def _free(box, boxes) -> bool:
-    return all(box[2] + GAP <= b[0] or b[2] + GAP <= box[0] or box[3] + GAP <= b[1] or b[3] + GAP <= box[1]
-               for b in boxes)
-
-
-def _draw_shapes(rng, draw) -> list[dict]:
-    """1-4 shapes of distinct colours, each inside its own grid cell, GAP/2 from the cell's edges, centred on a
-    plate placed on the token grid (label_origin gives the plate back)."""
-    shapes = []
-    cells = rng.sample(range(GRID * GRID), rng.randint(*N_SHAPES))
-    for colour, cell in zip(rng.sample(sorted(PALETTE), len(cells)), cells):
-        s = rng.randrange(SHAPE_SIZE[0], SHAPE_SIZE[1] + 1, 2)
-        x = cell % GRID * CELL + rng.choice(PLATE_X) + (LABEL_W - s) // 2
-        y = cell // GRID * CELL + rng.choice(PLATE_Y) + (LABEL_H - s) // 2
-        shape, fill, corners = rng.choice(SHAPES), PALETTE[colour] + (255,), (x, y, x + s - 1, y + s - 1)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(corners, fill=fill)  # PIL boxes include their last pixel
-        shapes.append({"shape": shape, "colour": colour, "digit": str(rng.randint(0, 9)), "box": [x, y, x + s, y + s]})
-    return shapes
-
-
-def make_scene(rng, kind) -> tuple[Image.Image, list[dict], int]:
-    """One canvas -> (image, shapes as {shape, colour, digit, box}, number of checkered squares). kind "shapes": 1-4
-    labelled shapes; kind "tiles": N_TILES squares (they need room the shapes do not leave)."""
-    layer = Image.new("RGBA", (CANVAS, CANVAS))  # objects only: alpha marks where the noise goes
-    shapes = _draw_shapes(rng, ImageDraw.Draw(layer)) if kind == "shapes" else []
-    tiles = []  # inside the DINOv2 centre crop
-    while kind == "tiles" and len(tiles) < N_TILES:
-        x, y = (rng.randint(DINO_BORDER, CANVAS - DINO_BORDER - TILE) for _ in range(2))
-        if _free((x, y, x + TILE, y + TILE), tiles):
-            tiles.append([x, y, x + TILE, y + TILE])
-    n_checkered = rng.randint(0, N_TILES) if tiles else 0
-    a = np.array(layer)  # (H, W, 4)
-    for s in shapes:
-        _paste(a, *label_origin(s["box"]), label_pixels(s["digit"]))
-    for i, (x, y, _, _) in enumerate(tiles):
-        _paste(a, x, y, checker(TILE, TILE) if i < n_checkered else np.full((TILE, TILE), GREY))
-    # noise on the objects only: a noisy background would make each PNG ~100x larger
-    half = np.where(np.arange(CANVAS) < CANVAS // 2, *TINT).astype(np.uint8)  # (W,): low, then high
-    rgb = np.stack(np.broadcast_arrays(half[None, :], np.uint8(235), half[:, None]), -1).copy()  # (H, W, 3)
-    obj = a[..., 3] > 0
-    noise = np.random.default_rng(rng.getrandbits(64)).normal(0, NOISE, (obj.sum(), 1)).round()
-    rgb[obj] = np.clip(a[obj, :3] + noise, 0, 255)
-    return Image.fromarray(rgb), shapes, n_checkered
-
-
-def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], list[dict]]:
-    """One scene -> (VPT records, baseline records): a label question per shape, or the tile-count question. where:
-    also a "Where is the red circle?" record per shape, answered by the region alone: twice the pointing signal (the
-    slow part to learn), for training. (One label question per scene instead of one per shape: digits read from the
-    right crop 0.37 instead of 0.86 after 700 steps.)"""
-    import vpt  # vpt builds on this module; only the synthetic set needs it back
-    records, base = [], []
-    for s in shapes:
-        cells = vpt.box_to_cells(s["box"], CANVAS, CANVAS, GRID)
-        if where:
-            records.append({"messages": [{"role": "user", "content": f"<image>\nWhere is the {s['colour']} {s['shape']}?"},
-                                         {"role": "assistant", "content": vpt.region_text(cells)}],
-                            "images": [path], "box": s["box"]})
-        q = f"What number is on the {s['colour']} {s['shape']}?"
-        crop = ",".join(map(str, vpt.cells_to_box(cells[0::2], cells[1::2], CANVAS, CANVAS, GRID, MARGIN)))
-        records.append({"messages": [
-            {"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": vpt.region_text(cells)},
-            {"role": "user", "content": "<image>"}, {"role": "assistant", "content": ANSWER_PREFIX + s["digit"]}],
-            "images": [path, f"{path}_{crop}"], "box": s["box"]})
-        base.append((q, s["digit"]))
-    if not shapes:
-        act = "".join(vpt.token_strings("dino", GRID)[1][-3:])  # <|detection_action_start|>, _action|>, _action_end|>
-        records.append({"messages": [
-            {"role": "user", "content": f"<image>\n{TILES_QUESTION}"}, {"role": "assistant", "content": act},
-            {"role": "user", "content": "<detection_image>"},
-            {"role": "assistant", "content": ANSWER_PREFIX + str(n_checkered)}],
-            "images": [path], "detection_images": [path]})
-        base.append((TILES_QUESTION, str(n_checkered)))
-    # the baseline twins: the same image, question and answer, without perception tokens
-    base = [{"messages": [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
-             "images": [path]} for q, a in base]
-    return records, base
-
-
-def make_synth(out_dir="data/synth", n_train_images=2000, n_val_images=150, seed=1337) -> dict:
-    """Writes images/, train.jsonl and val.jsonl (VPT records), train_baseline.jsonl and val_baseline.jsonl, and
-    tokenizer.json (the task's words, Qwen's special tokens, the VPT tokens). Returns the records per file."""
-    import vpt
-    out, rng = Path(out_dir), random.Random(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    counts, texts = {}, ["system", "user", "assistant", DEFAULT_SYSTEM, ANSWER_PREFIX]
-    for split, n_images in (("train", n_train_images), ("val", n_val_images)):
-        records, base = [], []
-        for i in range(n_images):
-            img, shapes, n_checkered = make_scene(rng, "tiles" if i % 3 == 2 else "shapes")
-            path = f"images/{split}_{i:05d}.png"
-            img.save(out / path, compress_level=PNG_COMPRESS)
-            r, b = scene_records(path, shapes, n_checkered, where=split == "train")
-            records += r
-            base += b
-        for name, rs in ((split, records), (f"{split}_baseline", base)):
-            (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-            counts[name] = len(rs)
-        if split == "train":
-            texts += [m["content"] for r in records + base for m in r["messages"]]
-    tok = train_tokenizer(texts, TOKENIZER_SIZE, out)
-    vpt.add_tokens(tok, "dino", GRID)
-    tok.save(out)
-    return counts
-
-
-if __name__ == "__main__":
-    import sys
-    import time
-    if sys.argv[1:] != ["synth"]:
-        sys.exit("usage: python data.py synth")
-    t0 = time.perf_counter()
-    counts = make_synth()
-    print(f"wrote data/synth in {time.perf_counter() - t0:.1f} s: " + ", ".join(f"{n} {k}" for k, n in counts.items()))

@@ -21,7 +21,7 @@ import vpt
 
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DEMO_QUESTION = "What number is on the green square?"  # assets/demo.png: data.make_scene(random.Random(2033), "shapes")
+DEMO_QUESTION = "What number is on the green square?"  # assets/demo.png: synth.make_scene(random.Random(2033), "shapes")
 # the no-argument demo: the quick start's model, trained by config/synth.py and shipped in bfloat16 (~6 MB)
 DEMO = ["--init_from", os.path.join(ASSETS, "synth"), "--image", os.path.join(ASSETS, "demo.png"),
         "--prompt", DEMO_QUESTION, "--max_new_tokens", "32", "--save_viz", "demo_region.png"]

@@ -19,6 +19,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import data
 import model as M
+import synth
 from model import DinoConfig
 from data import (IMAGENET_MEAN, IMAGENET_STD, process_dino_image)
 from data import (IGNORE_INDEX, ImageConfig, Tokenizer, encode_chat, load_image, process_image, process_images,
@@ -1144,25 +1145,25 @@ def test_bad_config_and_bad_record_errors(vpt_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the synthetic set (data.py synth) and the quick start end to end
+# the synthetic set (synth.py) and the quick start end to end
 
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    data.make_synth(d, n_train_images=6, n_val_images=2, seed=1337)
+    synth.make_synth(d, n_train_images=6, n_val_images=2, seed=1337)
     return d
 
 
 def test_synth_is_deterministic_and_well_formed(synth_dir, tmp_path):
-    data.make_synth(tmp_path / "again", 6, 2, seed=1337)
-    data.make_synth(tmp_path / "other", 6, 2, seed=7)
+    synth.make_synth(tmp_path / "again", 6, 2, seed=1337)
+    synth.make_synth(tmp_path / "other", 6, 2, seed=7)
     for name in ("train.jsonl", "val.jsonl", "train_baseline.jsonl", "tokenizer.json"):
         assert (synth_dir / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), f"{name} not reproducible"
     assert (synth_dir / "train.jsonl").read_bytes() != (tmp_path / "other" / "train.jsonl").read_bytes()
     tok = Tokenizer(synth_dir)
-    ids = vpt.Tokens.of(tok, "dino", data.GRID)  # every perception token is there, and each is one id
-    for name in ("<|region_token_start|>", f"<|x_{data.GRID - 1}|>", "<|detection_action|>", "<|detection_image_pad|>"):
+    ids = vpt.Tokens.of(tok, "dino", synth.GRID)  # every perception token is there, and each is one id
+    for name in ("<|region_token_start|>", f"<|x_{synth.GRID - 1}|>", "<|detection_action|>", "<|detection_image_pad|>"):
         assert len(tok.encode(f"a{name}7")) == 3
     records = data.read_records(synth_dir / "train.jsonl")
     base = data.read_records(synth_dir / "train_baseline.jsonl")
@@ -1175,7 +1176,7 @@ def test_synth_is_deterministic_and_well_formed(synth_dir, tmp_path):
         if "box" in r:
             (xs, ys), = vpt.parse_regions(r["messages"][1]["content"])
             x1, y1, x2, y2 = r["box"]
-            assert vpt.box_to_cells(r["box"], data.CANVAS, data.CANVAS, data.GRID) == (xs[0], ys[0], xs[1], ys[1])
+            assert vpt.box_to_cells(r["box"], synth.CANVAS, synth.CANVAS, synth.GRID) == (xs[0], ys[0], xs[1], ys[1])
             _, crop = data.parse_image_ref(r["images"][-1], "")  # a "Where is" record: the whole image
             assert crop is None if len(r["images"]) == 1 else crop[0] <= x1 and crop[1] <= y1 and x2 <= crop[2] and y2 <= crop[3], "the crop must hold the box"
     assert ids.region_start in tok.encode(records[0]["messages"][1]["content"]) or ids.act_start in tok.encode(
@@ -1188,18 +1189,18 @@ def test_synth_labels_vanish_in_the_global_view_only():
     cells' corners leave up to 4 grey levels at 1/2, under the objects' noise of std 12). The counting family's
     checkered and plain squares go anywhere, so both phases: alike at 1/2, different in the DINOv2 view (224 -> 256)."""
     def view(pixels, x, scale):
-        canvas = np.full((112, 112), data.GREY, np.uint8)
+        canvas = np.full((112, 112), synth.GREY, np.uint8)
         h, w = pixels.shape
-        canvas[data.PLATE_Y[0]:data.PLATE_Y[0] + h, x:x + w] = pixels
+        canvas[synth.PLATE_Y[0]:synth.PLATE_Y[0] + h, x:x + w] = pixels
         side = round(112 * scale)
         return np.asarray(Image.fromarray(canvas).resize((side, side), Image.BICUBIC), np.float32)
-    for x in data.PLATE_X:
-        views = [view(data.label_pixels(str(d)), x, 1 / 2) for d in range(10)]
+    for x in synth.PLATE_X:
+        views = [view(synth.label_pixels(str(d)), x, 1 / 2) for d in range(10)]
         pairs = [np.abs(a - b) for i, a in enumerate(views) for b in views[i + 1:]]
         assert max(p.max() for p in pairs) <= 4 and max(p.mean() for p in pairs) <= 0.05, f"x {x}: digits show at 1/2"
-        views = [view(data.label_pixels(str(d)), x, 1.0) for d in range(10)]
+        views = [view(synth.label_pixels(str(d)), x, 1.0) for d in range(10)]
         assert min(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:]) >= 40
-    plain, checkered = np.full((data.TILE, data.TILE), data.GREY, np.uint8), data.checker(data.TILE, data.TILE)
+    plain, checkered = np.full((synth.TILE, synth.TILE), synth.GREY, np.uint8), synth.checker(synth.TILE, synth.TILE)
     for x in (16, 17):
         assert np.abs(view(checkered, x, 1 / 2) - view(plain, x, 1 / 2)).max() <= 8
         assert np.abs(view(checkered, x, 256 / 224) - view(plain, x, 256 / 224)).max() >= 40
@@ -1211,17 +1212,17 @@ def test_synth_plates_sit_on_the_token_grid():
     quadrant."""
     import random
     for seed in range(50):
-        _, shapes, _ = data.make_scene(random.Random(seed), "shapes")
+        _, shapes, _ = synth.make_scene(random.Random(seed), "shapes")
         for s in shapes:
-            x, y = data.label_origin(s["box"])
+            x, y = synth.label_origin(s["box"])
             x1, y1, x2, y2 = s["box"]
-            assert x % data.TOKEN_PX == 0 and y % data.TOKEN_PX == 0, (seed, s)
-            assert x1 <= x and x + data.LABEL_W <= x2 and y1 <= y and y + data.LABEL_H <= y2, (seed, s)
-            assert x1 // data.CELL == (x2 - 1) // data.CELL and y1 // data.CELL == (y2 - 1) // data.CELL, (seed, s)
+            assert x % synth.TOKEN_PX == 0 and y % synth.TOKEN_PX == 0, (seed, s)
+            assert x1 <= x and x + synth.LABEL_W <= x2 and y1 <= y and y + synth.LABEL_H <= y2, (seed, s)
+            assert x1 // synth.CELL == (x2 - 1) // synth.CELL and y1 // synth.CELL == (y2 - 1) // synth.CELL, (seed, s)
             if s["shape"] == "circle":  # the plate's corners inside the circle PIL draws (radius (size - 1) / 2)
                 r, cx, cy = (x2 - x1 - 1) / 2, (x1 + x2 - 1) / 2, (y1 + y2 - 1) / 2
-                assert max(abs(px - cx) for px in (x, x + data.LABEL_W - 1)) ** 2 + \
-                    max(abs(py - cy) for py in (y, y + data.LABEL_H - 1)) ** 2 <= r ** 2, (seed, s)
+                assert max(abs(px - cx) for px in (x, x + synth.LABEL_W - 1)) ** 2 + \
+                    max(abs(py - cy) for py in (y, y + synth.LABEL_H - 1)) ** 2 <= r ** 2, (seed, s)
 
 
 def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
@@ -1256,7 +1257,7 @@ def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, ca
     having not learned which of four shapes a question means."""
     import random
     import sample
-    img, shapes, _ = data.make_scene(random.Random(2033), "shapes")
+    img, shapes, _ = synth.make_scene(random.Random(2033), "shapes")
     assert any(f"{s['colour']} {s['shape']}" in sample.DEMO_QUESTION for s in shapes), "the question's shape"
     shipped = np.asarray(Image.open(os.path.join(sample.ASSETS, "demo.png")).convert("RGB"))
     assert np.array_equal(np.asarray(img), shipped), "assets/demo.png is not the scene the demo question is about"
@@ -1264,8 +1265,8 @@ def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, ca
     sample.main([])
     out, err = capsys.readouterr()
     (xs, ys), = vpt.parse_regions(err)  # one region group, printed on stderr as it was sampled
-    x1, y1, x2, y2 = vpt.cells_to_box(xs, ys, data.CANVAS, data.CANVAS, data.GRID, data.MARGIN)
-    chosen, = [s for s in shapes if vpt.box_to_cells(s["box"], data.CANVAS, data.CANVAS, data.GRID) ==
+    x1, y1, x2, y2 = vpt.cells_to_box(xs, ys, synth.CANVAS, synth.CANVAS, synth.GRID, synth.MARGIN)
+    chosen, = [s for s in shapes if vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) ==
                (xs[0], ys[0], xs[-1], ys[-1])]
     assert out.strip().removeprefix(data.ANSWER_PREFIX.strip()).strip() == chosen["digit"], (out, chosen)
     viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)

@@ -1,5 +1,5 @@
 # The quick start: a tiny Qwen2-VL-shaped model with VPT (and a tiny DINOv2), trained from scratch on the synthetic
-# look-closer set (python data.py synth) on a CPU. The global view is 112x112 pixels (4x4 image tokens), so the
+# look-closer set (python synth.py) on a CPU. The global view is 112x112 pixels (4x4 image tokens), so the
 # digits can only be read in a region crop, the checkered squares only in the DINOv2 view (224 px).
 init_from = "scratch"
 model_preset = "synth"
@@ -8,7 +8,7 @@ tokenizer = "data/synth/tokenizer.json"
 min_pixels = 3136
 max_pixels = 12544  # 112 * 112
 use_vpt = True
-grid = 2  # a region is a quadrant, 2x2 tokens of the 4x4-token global view (see data.py)
+grid = 2  # a region is a quadrant, 2x2 tokens of the 4x4-token global view (synth.GRID)
 region_margin = 0
 train_data = "data/synth/train.jsonl"
 val_data = "data/synth/val.jsonl"
