@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import data
+import encoders
 import model as M
 import vpt
 
@@ -77,7 +78,7 @@ def bench_vpt(answer_tokens=32, repeats=3):
                        image_token_id=tok.image_pad_id, vision_start_token_id=tok.vision_start_id,
                        vision_end_token_id=tok.vision_end_id, vision=dict(depth=6, embed_dim=384, num_heads=6,
                                                                           hidden_size=512))
-    vcfg = vpt.VPTConfig(dino=M.DinoConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6))
+    vcfg = vpt.VPTConfig(dino=encoders.DinoConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6))
     model = vpt.VPT(cfg, vcfg, tokens).eval()
     n = sum(p.numel() for p in model.parameters())
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))

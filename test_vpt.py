@@ -18,9 +18,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import data
+import encoders
 import model as M
 import synth
-from model import DinoConfig
+from encoders import DinoConfig
 from data import (IMAGENET_MEAN, IMAGENET_STD, process_dino_image)
 from data import (IGNORE_INDEX, ImageConfig, Tokenizer, encode_chat, load_image, process_image, process_images,
                   render_chat, smart_resize)
@@ -615,7 +616,7 @@ def dino_swiglu_dir(tmp_path_factory):
 
 
 def _load_dino(path):
-    return M.dino_from_pretrained(str(path))
+    return encoders.dino_from_pretrained(str(path))
 
 
 def _hf_last_hidden_state(path, pixel_values):
@@ -1027,7 +1028,7 @@ def test_new_vpt_model_from_base(vpt_dir, chat_dir, dino_dir):
     if model.cfg.vocab_size > n:  # grown rows start at the mean embedding
         assert torch.allclose(model.model.embed_tokens.weight[n:], base.model.embed_tokens.weight.mean(0).expand(
             model.cfg.vocab_size - n, -1), atol=1e-6)
-    dino = M.dino_from_pretrained(str(dino_dir))
+    dino = encoders.dino_from_pretrained(str(dino_dir))
     assert all(torch.equal(a, b) for a, b in zip(model.detection_model.parameters(), dino.parameters()))
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import encoders
 import model as M
 import vpt
 
@@ -138,7 +139,7 @@ def build(cfg):
         if not cfg.use_vpt:
             return M.Qwen2VL(qcfg), tok, img_cfg
         vcfg = vpt.VPTConfig(encoder=cfg.encoder, grid=cfg.grid, region_margin=cfg.region_margin,
-                             dino=M.DinoConfig(**M.DINO_PRESETS[cfg.dino_preset]))
+                             dino=encoders.DinoConfig(**encoders.DINO_PRESETS[cfg.dino_preset]))
         return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
     path = M.resolve_dir(src, vpt.WEIGHT_PATTERNS)
     with open(os.path.join(path, "config.json")) as f:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import data
 import model as M
+from encoders import DinoConfig, Dinov2Model
 
 # the extra encoder's name in the authors' token and parameter names
 PREFIX = {"dino": "detection", "clip": "clip"}
@@ -163,11 +164,11 @@ class VPTConfig:
     grid: int = 8  # k: region cells per side
     region_margin: int = 1  # cells added around a selected region before cropping (the authors' evaluation)
     image_resolution: int = 512  # long side limit of every image fed to the model, NEAREST (vpt.md 2.3)
-    dino: M.DinoConfig = field(default_factory=M.DinoConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
 
     def __post_init__(self):
         if isinstance(self.dino, dict):
-            self.dino = M.DinoConfig(**self.dino)
+            self.dino = DinoConfig(**self.dino)
         assert self.encoder in PREFIX, f"encoder must be one of {list(PREFIX)}, not {self.encoder!r}"
 
 
@@ -179,7 +180,7 @@ class VPT(M.Qwen2VL):
         super().__init__(cfg)
         self.vcfg, self.tokens = vcfg, tokens
         if vcfg.encoder == "dino":
-            self.detection_model = M.Dinov2Model(vcfg.dino)
+            self.detection_model = Dinov2Model(vcfg.dino)
         setattr(self, f"{PREFIX[vcfg.encoder]}_projector", self.projector_for(vcfg, cfg))
         self.apply(M.init_weights)
         self.projector.reset_parameters()
@@ -553,7 +554,7 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
         if len(encoders) != 1:
             raise ValueError(f"{path}/config.json: vision_encoder_ls {d.get('vision_encoder_ls')} must name one of "
                              f"{list(PREFIX)} (the sam variant is not supported)")
-        dino = M.DinoConfig.from_state_dict(sd, "detection_model.") if encoders[0] == "dino" else M.DinoConfig()
+        dino = DinoConfig.from_state_dict(sd, "detection_model.") if encoders[0] == "dino" else DinoConfig()
         vcfg = VPTConfig(encoder=encoders[0], dino=dino)
     tok = data.Tokenizer(path)
     tokens = Tokens.of(tok, vcfg.encoder, vcfg.grid)
@@ -592,7 +593,7 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
     if encoder == "dino":
         dpath = M.resolve_dir(dino)
         with open(os.path.join(dpath, "config.json")) as f:
-            vcfg.dino = M.DinoConfig.from_hf(json.load(f))
+            vcfg.dino = DinoConfig.from_hf(json.load(f))
         sd.update({"detection_model." + k: v for k, v in M.read_safetensors(dpath).items()})
     fresh = VPT.projector_for(vcfg, cfg)
     sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
