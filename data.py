@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from model import IGNORE_INDEX  # label value that cross-entropy skips
+from model import IGNORE_INDEX, atomic_write, get_rope_index, save_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -67,11 +67,9 @@ class ImageConfig:
         return cls(**kw)
 
     def save(self, path):
-        """Writes path/preprocessor_config.json (the Hub layout) via a temporary file."""
+        """Writes path/preprocessor_config.json (the Hub layout)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        tmp = Path(path) / "preprocessor_config.json.tmp"
-        tmp.write_text(json.dumps({**d, "image_processor_type": "Qwen2VLImageProcessor"}, indent=2))
-        tmp.replace(Path(path) / "preprocessor_config.json")
+        save_json(Path(path) / "preprocessor_config.json", {**d, "image_processor_type": "Qwen2VLImageProcessor"})
 
 
 def load_image(src) -> Image.Image:
@@ -231,9 +229,15 @@ class Tokenizer:
 
     def save(self, path):
         """Writes tokenizer.json into the directory path (created if needed), or to path itself if it ends in .json."""
-        file = _tokenizer_file(path)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        self.tk.save(str(file))
+        _save(self.tk, path)
+
+
+def _save(tk, path) -> Path:
+    """Writes an HF tokenizer to path (a tokenizer.json or a directory, created if needed) through atomic_write."""
+    file = _tokenizer_file(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(file, lambda tmp: tk.save(tmp))
+    return file
 
 
 QWEN_SPECIALS = [ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -258,10 +262,7 @@ def train_tokenizer(texts, vocab_size, path):
                                   show_progress=False)
     tk.train_from_iterator([re.sub(r"<\|\w+\|>|<\w+>", " ", t) for t in texts], trainer)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
-    file = _tokenizer_file(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tk.save(str(file))
-    return Tokenizer(file)
+    return Tokenizer(_save(tk, path))
 
 
 def _pad_plan(messages, image_tokens, extra):
@@ -439,7 +440,6 @@ def collate(samples, pad_id, image_token_id, merge=2):
     """Samples -> one right-padded batch: input_ids, padding_mask, targets (the next token at each position, -100
     where unsupervised), M-RoPE position_ids, the images concatenated in order, extra_rows (the sample of each
     re-encoded image) and mask_modeling, all False (the trainer draws it per sample)."""
-    from model import get_rope_index
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)

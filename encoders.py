@@ -6,16 +6,14 @@ loading is an identity copy.
 Shape legend: B batch, T tokens (the CLS token plus the Np patches), C width, nh heads, hs head size,
 gh x gw patch grid, H x W pixels.
 """
-import json
 import math
-import os
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import load_state_dict_strict, read_safetensors, resolve_dir
+from model import load_state_dict_strict, open_checkpoint, read_weights
 
 # -----------------------------------------------------------------------------
 # DINOv2 (facebook/dinov2-*), frozen; mirrors transformers 5.23 Dinov2Model (section 3.8)
@@ -199,10 +197,8 @@ class Dinov2Model(nn.Module):
 
 def dino_from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     """DINOv2 from a facebook/dinov2-* directory or Hub id (config.json + model.safetensors, no key prefix)."""
-    path = resolve_dir(path_or_id)
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = DinoConfig.from_hf(json.load(f))
+    path, d = open_checkpoint(path_or_id)
     with torch.device("meta"):
-        model = Dinov2Model(cfg)
-    load_state_dict_strict(model, read_safetensors(path), dtype, device)
+        model = Dinov2Model(DinoConfig.from_hf(d))
+    load_state_dict_strict(model, read_weights(path), dtype, device)
     return model.eval()

@@ -10,6 +10,7 @@ hs head size, Np image patches (rows of pixel_values), D vision width, V vocabul
 import json
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -546,6 +547,8 @@ def generate(model, input_ids, padding_mask=None, pixel_values=None, image_grid_
 
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]  # configs, weights, tokenizer, preprocessor
+# transformers >= 5 can keep its in-memory prefixes in a checkpoint; map them back to the Hub names
+KEY_RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
 def resolve_dir(path_or_id, patterns=HUB_PATTERNS):
@@ -560,25 +563,53 @@ def resolve_dir(path_or_id, patterns=HUB_PATTERNS):
                       f"({type(e).__name__}); check the path, or the repo id and your network.") from None
 
 
-def read_safetensors(dirpath):
-    """All tensors of a (possibly sharded) safetensors checkpoint, memory-mapped: {key: tensor}."""
-    from safetensors.torch import load_file
-    index = os.path.join(dirpath, "model.safetensors.index.json")
+def open_checkpoint(path_or_id, patterns=HUB_PATTERNS) -> tuple[str, dict]:
+    """The start of every load: the checkpoint's local directory (a Hub id is downloaded first) and its config.json."""
+    path = resolve_dir(path_or_id, patterns)
+    with open(os.path.join(path, "config.json")) as f:
+        return path, json.load(f)
+
+
+def _weight_files(dirpath, index, suffix, prefix="") -> list[str]:
+    """The shards a checkpoint's index names, else every prefix*suffix file in the directory."""
+    index = os.path.join(dirpath, index)
     if os.path.exists(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(dirpath) if f.endswith(".safetensors"))
+            return sorted(set(json.load(f)["weight_map"].values()))
+    return sorted(f for f in os.listdir(dirpath) if f.startswith(prefix) and f.endswith(suffix))
+
+
+def read_weights(dirpath, allow_bin=False) -> dict:
+    """All tensors of a checkpoint directory, sharded or not, memory-mapped, under their Hub key names: *.safetensors,
+    or (allow_bin, the VPT authors' checkpoints) pytorch_model*.bin, read with weights_only=True so that a pickle
+    from the Hub never runs code here."""
+    from safetensors.torch import load_file
+    files, load = _weight_files(dirpath, "model.safetensors.index.json", ".safetensors"), load_file
+    if not files and allow_bin:
+        files, load = _weight_files(dirpath, "pytorch_model.bin.index.json", ".bin", "pytorch_model"), _load_bin
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {dirpath}")
+        raise FileNotFoundError(f"no *.safetensors{' or pytorch_model*.bin' if allow_bin else ''} weights in {dirpath}")
     sd = {}
     for name in files:
-        sd.update(load_file(os.path.join(dirpath, name)))
-    return sd
+        sd.update(load(os.path.join(dirpath, name)))
+    return {_rename(k): v for k, v in sd.items()}
 
 
-# transformers >= 5 can keep its in-memory prefixes in a checkpoint; map them back to the Hub names
-KEY_RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+def _rename(key):
+    """A checkpoint key under its Hub name (KEY_RENAMES)."""
+    for old, new in KEY_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _load_bin(file):
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_safetensors(dirpath):
+    """read_weights under its former name, for vpt.py until it calls read_weights."""
+    return read_weights(dirpath)
 
 
 def load_state_dict_strict(model, sd, dtype, device):
@@ -600,16 +631,6 @@ def load_state_dict_strict(model, sd, dtype, device):
         setattr(model.get_submodule(mod_name), p_name, nn.Parameter(t, requires_grad=p.requires_grad))
 
 
-def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
-    """Qwen2-VL from a local directory or a Hub id (e.g. Qwen/Qwen2-VL-2B-Instruct). Built on the meta device and
-    filled tensor by tensor, so peak memory stays near one copy of the weights."""
-    path = resolve_dir(path_or_id)
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = QwenConfig.from_hf(json.load(f))
-    sd = {_rename(k): v for k, v in read_safetensors(path).items()}
-    return build_loaded(lambda: Qwen2VL(cfg), sd, dtype, device)
-
-
 def build_loaded(make, sd, dtype, device):
     """make() builds a Qwen2VL (or subclass) on the meta device, the state dict fills it strictly, and a tied
     lm_head is tied again (loading replaced the embedding Parameter it shared)."""
@@ -621,11 +642,12 @@ def build_loaded(make, sd, dtype, device):
     return model.eval()
 
 
-def _rename(key):
-    for old, new in KEY_RENAMES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
+    """Qwen2-VL from a local directory or a Hub id (e.g. Qwen/Qwen2-VL-2B-Instruct). Built on the meta device and
+    filled tensor by tensor, so peak memory stays near one copy of the weights."""
+    path, d = open_checkpoint(path_or_id)
+    cfg = QwenConfig.from_hf(d)
+    return build_loaded(lambda: Qwen2VL(cfg), read_weights(path), dtype, device)
 
 
 def save_pretrained(model, path, cfg_dict):
@@ -636,10 +658,18 @@ def save_pretrained(model, path, cfg_dict):
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    tmp = os.path.join(path, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg_dict, f, indent=2)
-    os.replace(tmp, os.path.join(path, "config.json"))
+    atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    save_json(os.path.join(path, "config.json"), cfg_dict)
+
+
+def atomic_write(path, write):
+    """write(tmp) fills a temporary file beside path, which then replaces path (os.replace, atomic on one
+    filesystem): a crash never leaves a half-written file under the real name."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_json(path, d):
+    """d as indented JSON at path, through atomic_write."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2)))

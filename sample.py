@@ -7,7 +7,6 @@ A VPT checkpoint (model_type qwen2_vl_vpt) answers through vpt.Sampler: with --v
 to select a region or re-encode the image, region/reencode force that path, off answers directly.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -67,9 +66,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    path = M.resolve_dir(args.init_from, vpt.WEIGHT_PATTERNS)
-    with open(os.path.join(path, "config.json")) as f:
-        is_vpt = json.load(f).get("model_type") == "qwen2_vl_vpt"
+    path, config = M.open_checkpoint(args.init_from, vpt.WEIGHT_PATTERNS)
+    is_vpt = config.get("model_type") == "qwen2_vl_vpt"
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.eval:
         return evaluate(args, path, is_vpt, dtype, gen)
