@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from model import IGNORE_INDEX, atomic_write, get_rope_index, save_json
+from model import IGNORE_INDEX, atomic_write, get_rope_index, image_token_counts, save_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -318,7 +318,7 @@ def encode_chat(tok, messages, image_grid_thw=None, add_generation_prompt=False,
     t*gh*gw/m^2 pads from its image_grid_thw row. Pieces are encoded one by one (as LLaMA-Factory does) so label
     boundaries are exact; every boundary touches a special token except reply starts, so this equals encoding the
     whole text unless a reply begins with a newline (the whole text merges it with the header's newline)."""
-    image_tokens = None if image_grid_thw is None else [int(g.prod()) // merge_size**2 for g in image_grid_thw]
+    image_tokens = None if image_grid_thw is None else image_token_counts(image_grid_thw, merge_size).tolist()
     ids, labels = [], []
     for text, supervised in _chat_segments(messages, add_generation_prompt, image_tokens, extra):
         piece = tok.encode(text)
@@ -424,7 +424,8 @@ class VPTDataset:
                     extra_spec = {ph: (self.pad, [DINO_TOKENS] * len(views))}
                 elif views:
                     extra = process_images(views, self.img_cfg)  # (pixel_values, image_grid_thw)
-                    extra_spec = {ph: (self.pad, [int(g.prod()) // self.img_cfg.merge_size ** 2 for g in extra[1]])}
+                    counts = image_token_counts(extra[1], self.img_cfg.merge_size).tolist()
+                    extra_spec = {ph: (self.pad, counts)}
             ids, labels = encode_chat(self.tok, r["messages"], grid, merge_size=self.img_cfg.merge_size,
                                       extra=extra_spec)
         except (OSError, ValueError, KeyError) as e:

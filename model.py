@@ -240,6 +240,11 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.width))  # (Np/4, C)
 
 
+def image_token_counts(grid_thw, merge) -> torch.Tensor:
+    """(n, 3) image_grid_thw -> (n,) LLM tokens per image: the merger makes one of each m x m block of patches."""
+    return grid_thw.prod(-1) // merge ** 2
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
