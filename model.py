@@ -141,8 +141,9 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    # rotation in fp32, cast back: mirrors apply_rotary_pos_emb(_vision) (section 3.3, 3.7)
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    """x rotated in the dtype of cos/sin, then cast back to its own: fp32 tables give the ViT's fp32 rotation
+    (apply_rotary_pos_emb_vision), tables cast to the activations' dtype the LLM's (apply_rotary_pos_emb)."""
+    return (x.to(cos.dtype) * cos + rotate_half(x.to(cos.dtype)) * sin).to(x.dtype)
 
 
 def inv_freq(dim, theta, device):
@@ -321,9 +322,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        # cos/sin are cast to the activation dtype before the rotation (section 3.7)
-        q = q * cos.to(q.dtype) + rotate_half(q) * sin.to(q.dtype)
-        k = k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+        # cos/sin are cast to the activation dtype before the rotation, as Qwen2VLRotaryEmbedding.forward returns them
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
