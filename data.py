@@ -202,6 +202,7 @@ class Tokenizer:
         self.vision_start_id = self.token_to_id(VISION_START)
         self.vision_end_id = self.token_to_id(VISION_END)
         self.image_pad_id = self.token_to_id(IMAGE_PAD)
+        self.stop_ids = frozenset({self.im_end_id, self.endoftext_id})  # either ends an answer
 
     def encode(self, text) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids  # Qwen has no BOS; added tokens are still matched

@@ -84,7 +84,7 @@ def main(argv=None):
     ids = torch.tensor([ids], device=args.device)
     if pixel_values is not None:
         pixel_values, grid = pixel_values.to(args.device), grid.to(args.device)
-    stop = {tok.im_end_id, tok.endoftext_id}
+    stop = tok.stop_ids
     tokens = M.generate(model, ids, None, pixel_values, grid, args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p, stop_ids=stop, generator=gen)
     return stream(tokens, tok, stop, ids.size(1))
@@ -96,7 +96,7 @@ def answer_vpt(args, path, dtype, gen):
     model, tok, img_cfg = vpt.from_pretrained(path, dtype=dtype, device=args.device)
     sampler = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, gen)
-    stop = {tok.im_end_id, tok.endoftext_id}
+    stop = tok.stop_ids
     ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, stop, None, sampler)
     for r in sampler.rounds:
         if r.kind == "region":
@@ -114,9 +114,6 @@ def answer_vpt(args, path, dtype, gen):
         img.save(args.save_viz)
         print(f"wrote {args.save_viz}", file=sys.stderr)
     return ids
-
-
-ANSWER_PREFIX = "Now answer the question.\n"  # what VPT answers start with after a perception round (vpt.md 5.2)
 
 
 def box_overlap(pred, gt):
@@ -141,11 +138,11 @@ def evaluate(args, path, is_vpt, dtype, gen):
             sys.exit(f"{args.init_from} is a plain Qwen2-VL: evaluate it with --vpt off")
         model, tok, img_cfg = M.from_pretrained(path, dtype, args.device), data.Tokenizer(path), \
             data.ImageConfig.from_dir(path)
-    stop = {tok.im_end_id, tok.endoftext_id}
+    stop = tok.stop_ids
     hits, kinds, overlaps = 0, {"region": 0, "reencode": 0}, []
     for r in records:
         question = r["messages"][0]["content"].replace(data.IMAGE_PLACEHOLDER, "").strip()
-        truth = r["messages"][-1]["content"].removeprefix(ANSWER_PREFIX).strip()
+        truth = r["messages"][-1]["content"].removeprefix(data.ANSWER_PREFIX).strip()
         image = data.open_image(r["images"][0], base, 10 ** 9)
         if is_vpt:
             s = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
@@ -167,7 +164,7 @@ def evaluate(args, path, is_vpt, dtype, gen):
                 if int(t) in stop:
                     break
                 ids.append(int(t))
-        answer = tok.decode(ids, skip_special_tokens=True).removeprefix(ANSWER_PREFIX).strip()
+        answer = tok.decode(ids, skip_special_tokens=True).removeprefix(data.ANSWER_PREFIX).strip()
         hits += answer == truth
     n = len(records)
     line = (f"{args.eval} ({n} records, --vpt {args.vpt}): exact match {hits / n:.3f}; perception: "
