@@ -5,6 +5,7 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
                                                   second round (a fresh prefill of the whole transcript), mid-size model
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
+import argparse
 import json
 import os
 import resource
@@ -59,7 +60,9 @@ def bench_load(preset):
         print(f"{preset}: random bf16 checkpoint, {size:.2f} GiB on disk (made in {time.perf_counter() - t0:.0f} s)")
         res = {}
         for impl in ("ours", "transformers"):
-            out = subprocess.run([sys.executable, __file__, "_load", impl, d], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", f"import bench; bench.load_once({impl!r}, {d!r})"],
+                                 cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                                 check=True)
             res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{impl:>12}: {res[impl]['seconds']:.2f} s, peak RSS {res[impl]['peak_rss_gib']:.2f} GiB, "
                   f"{res[impl]['params']:,} parameters")
@@ -121,12 +124,18 @@ def bench_vpt(answer_tokens=32, repeats=3):
           f"same answer tokens: {same}")
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "_load":
-        load_once(sys.argv[2], sys.argv[3])
-    elif sys.argv[1] == "load":
-        bench_load(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--preset" else "qwen2-vl-2b")
-    elif sys.argv[1] == "vpt":
-        bench_vpt()
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench", required=True)
+    load = sub.add_parser("load", help="load time and peak RSS against transformers")
+    load.add_argument("--preset", default="qwen2-vl-2b", choices=list(M.PRESETS), help="model shape (default 2B)")
+    sub.add_parser("vpt", help="a region-selection answer: one continuous KV cache against re-prefilling")
+    args = p.parse_args(argv)
+    if args.bench == "load":
+        bench_load(args.preset)
     else:
-        sys.exit(__doc__)
+        bench_vpt()
+
+
+if __name__ == "__main__":
+    main()
