@@ -233,18 +233,38 @@ def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
         M.from_pretrained("nobody/no-such-model-here")
 
 
+# config.json of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct as the Hub ships them (flat, pre-v5 layout);
+# the 7B vision_config lists only what differs from transformers' defaults
+HUB_CONFIG_COMMON = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "initializer_range": 0.02, "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2_vl",
+    "num_hidden_layers": 28, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+HUB_CONFIGS = {
+    "Qwen/Qwen2-VL-2B-Instruct": {
+        **HUB_CONFIG_COMMON, "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "tie_word_embeddings": True, "vocab_size": 151936,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                          "temporal_patch_size": 2}},
+    "Qwen/Qwen2-VL-7B-Instruct": {
+        **HUB_CONFIG_COMMON, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "tie_word_embeddings": False, "vocab_size": 152064,
+        "vision_config": {"in_chans": 3, "model_type": "qwen2_vl", "spatial_patch_size": 14}},
+}
+
+
 def test_config_presets_parse_the_reference_configs():
-    ref = os.path.join(os.path.dirname(__file__), "..", "shared", "reference")
-    for name, preset in (("qwen2vl_2b_instruct.json", "qwen2-vl-2b"), ("qwen2vl_7b_instruct.json", "qwen2-vl-7b")):
-        path = os.path.join(ref, name)
-        if not os.path.exists(path):  # shared/ sits beside the checkout in CI and here
-            pytest.fail(f"reference config {path} not found")
-        cfg = M.QwenConfig.from_hf(json.load(open(path)))
+    for name, preset in (("Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl-2b"), ("Qwen/Qwen2-VL-7B-Instruct", "qwen2-vl-7b")):
+        cfg = M.QwenConfig.from_hf(HUB_CONFIGS[name])
         assert cfg == M.QwenConfig(**M.PRESETS[preset]), f"{name} parses differently from preset {preset}"
     with torch.device("meta"):
         n2b = sum(p.numel() for p in M.Qwen2VL(M.QwenConfig()).parameters())
         n7b = sum(p.numel() for p in M.Qwen2VL(M.QwenConfig(**M.PRESETS["qwen2-vl-7b"])).parameters())
-    assert (n2b, n7b) == (2_208_985_600, 8_291_375_616), "parameter counts of the reference (section 1)"
+    assert (n2b, n7b) == (2_208_985_600, 8_291_375_616), "parameter counts of Qwen2-VL-2B/7B-Instruct"
 
 
 # -----------------------------------------------------------------------------
