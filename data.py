@@ -1,11 +1,13 @@
 """
-Everything between raw inputs and token ids for nanoVPT: loading images, the Qwen2-VL image preprocessing
-(smart resize, normalise, patchify into pixel_values + image_grid_thw), a thin wrapper over the byte-level BPE
-tokenizer.json, and the Qwen2-VL chat template with assistant-only labels. Datasets and the synthetic set will live
-here too. Every step mirrors transformers 5.23 (Qwen2VLImageProcessorPil, the Hub chat_template) bit for bit, and the
-tests hold it to that; transformers itself is never imported here.
+Everything between raw inputs and model-ready batches: loading images, the Qwen2-VL image preprocessing (smart
+resize, normalise, patchify into pixel_values + image_grid_thw) and the DINOv2 one, a thin wrapper over the
+byte-level BPE tokenizer.json, the Qwen2-VL chat template with assistant-only labels, the VPT record files, the
+dataset that turns records into samples, and collation into batches. Preprocessing and the template mirror
+transformers 5.23 (Qwen2VLImageProcessorPil, BitImageProcessorPil, the Hub chat_template) bit for bit, and the tests
+hold them to that; where the VPT authors' LLaMA-Factory fork does more (the long-side limit, crops, labels) the
+function says which of theirs it mirrors. transformers itself is never imported here. The synthetic set is synth.py.
 Shape letters: H, W pixels; C colour channels (3); T temporal patch (2 copies of a still image); p patch size (14);
-m merge size (2); gh, gw patch grid (H/p, W/p); Np patches in an image (gh*gw).
+m merge size (2); gh, gw patch grid (H/p, W/p); Np patches in an image (gh*gw). In collate: B batch, T tokens.
 """
 import json
 import math
@@ -142,14 +144,15 @@ def process_images(images, cfg: ImageConfig) -> tuple[torch.Tensor | None, torch
 def limit_side(img, max_side):
     """Shrinks an image so its long side is at most max_side, never enlarges it. Mirrors LLaMA-Factory's
     _preprocess_image (image_resolution, default 512), which the VPT authors apply to every image: NEAREST, sizes
-    truncated (vpt.md 2.3)."""
+    truncated (BasePlugin._preprocess_image in yu-rp/VisualPerceptionToken LLaMA-Factory/.../data/mm_plugin.py)."""
     if max(img.width, img.height) > max_side:
         scale = max_side / max(img.width, img.height)
         img = img.resize((int(img.width * scale), int(img.height * scale)), resample=Image.NEAREST)
     return img
 
 
-# DINOv2 preprocessing, exactly as the VPT authors ran it (vpt.md section 2.3)
+# DINOv2 preprocessing, exactly as the VPT authors ran it (VPT_Qwen2vlPlugin._get_mm_inputs in their mm_plugin.py:
+# the long-side limit, then facebook/dinov2's BitImageProcessor)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -332,23 +335,26 @@ def next_turn(tok, content, image_tokens=None, extra=None) -> list[int]:
     """Ids that close the current assistant reply, add a user turn with `content` and open the next reply: the text
     a perception round appends, token for token what encode_chat gives the same turns in a whole record."""
     plan = _pad_plan([{"content": content}], image_tokens, extra)
-    return tok.encode(IM_END) + tok.encode("\n") + tok.encode(f"{IM_START}user\n{_expand(content, plan)}{IM_END}\n") \
-        + tok.encode(f"{IM_START}assistant\n")
+    user = f"{IM_START}user\n{_expand(content, plan)}{IM_END}\n"
+    # piece by piece, where encode_chat's segments split the same text
+    return tok.encode(IM_END) + tok.encode("\n") + tok.encode(user) + tok.encode(f"{IM_START}assistant\n")
 
 
 # -----------------------------------------------------------------------------
-# the VPT datasets (rp-yu/VPT_Datasets record format, vpt.md 5.2)
+# the VPT datasets (rp-yu/VPT_Datasets records; the authors' LLaMA-Factory/data/dataset_info.json maps their columns)
 
 DINO_TOKENS = (DINO_CROP // 14) ** 2  # 256: the 16 x 16 patches of a 224 px crop
 # the extra placeholders: the DINOv2 view (always 256 tokens) and the clip view (as many as the image gives)
 EXTRA_PLACEHOLDERS = {"dino": ("<detection_image>", "detection_images"), "clip": ("<clip_image>", "clip_images")}
-ANSWER_PREFIX = "Now answer the question.\n"  # what a VPT answer starts with after its perception round (vpt.md 5.2)
+# what a VPT answer starts with after its perception round (the authors' evaluation/evaluation.py strips it from
+# every ground truth)
+ANSWER_PREFIX = "Now answer the question.\n"
 
 
 def parse_image_ref(ref, base_dir):
     """'img.jpg' or the authors' crop form 'img.jpg_x1,y1,x2,y2' -> (path relative to base_dir, box or None)."""
     stem, dot, ext = ref.rpartition(".")
-    if dot and "_" in ext:  # the text after the last '.' carries the crop box (mm_plugin.py:596-624)
+    if dot and "_" in ext:  # the text after the last '.' carries the crop box (VPT_Qwen2vlPlugin._regularize_images)
         ext, box = ext.split("_", 1)
         return os.path.join(base_dir, f"{stem}.{ext}"), tuple(int(v) for v in box.split(","))
     return os.path.join(base_dir, ref), None
@@ -367,8 +373,10 @@ def read_records(path):
     with open(path) as f:
         text = f.read()
     try:
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON / JSON lines: {e}") from None
     for i, r in enumerate(records):
@@ -394,7 +402,8 @@ class VPTDataset:
                  max_len=2048):
         self.records, self.base = read_records(path), os.path.dirname(os.path.abspath(path))
         self.path, self.tok, self.img_cfg, self.encoder = path, tok, img_cfg, encoder
-        self.pad, self.act_id = (tok.tk.id_to_token(pad_id) if pad_id is not None else None), act_id
+        self.pad = tok.tk.id_to_token(pad_id) if pad_id is not None else None  # the pad token's text
+        self.act_id = act_id
         self.max_side, self.max_len = image_resolution, max_len
 
     def __len__(self):
@@ -408,8 +417,8 @@ class VPTDataset:
         pixels = min(self.img_cfg.max_pixels, self.max_side ** 2)
         per_image = pixels // (self.img_cfg.patch_size * self.img_cfg.merge_size) ** 2
         n_images = len(r.get("images") or []) + len(r.get("clip_images") or [])
-        return sum(len(m["content"]) for m in r["messages"]) + per_image * n_images + \
-            DINO_TOKENS * len(r.get("detection_images") or [])
+        n_text = sum(len(m["content"]) for m in r["messages"])
+        return n_text + per_image * n_images + DINO_TOKENS * len(r.get("detection_images") or [])
 
     def __getitem__(self, i):
         r = self.records[i]
@@ -433,7 +442,8 @@ class VPTDataset:
             raise ValueError(f"{self.path}: record {i}: {e}") from e
         if len(ids) > self.max_len:
             return None
-        # the control token's input is the model's own hidden state, so predicting it is never trained (vpt.md 4.3)
+        # the control token's input is the model's own hidden state, so predicting it is never trained (as the authors'
+        # data/processors/supervised.py _encode_supervised_example)
         labels = [IGNORE_INDEX if t == self.act_id else l for t, l in zip(ids, labels)]
         return dict(input_ids=ids, labels=labels, pixel_values=pixel_values, image_grid_thw=grid, extra=extra)
 
@@ -451,18 +461,27 @@ def collate(samples, pad_id, image_token_id, merge=2):
         ids[b, :n] = torch.tensor(s["input_ids"])
         targets[b, :n - 1] = torch.tensor(s["labels"][1:])  # position t predicts token t+1
         padding[b, :n] = 1
-    cat = lambda xs: torch.cat(xs) if xs else None
-    grids = cat([s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None])
+    grids = _cat([s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None])
     extras = [s["extra"] for s in samples if s["extra"] is not None]
-    n_extra = [0 if s["extra"] is None else len(s["extra"][1] if isinstance(s["extra"], tuple) else s["extra"])
-               for s in samples]
+    n_extra = [_n_views(s["extra"]) for s in samples]
     extra_rows = torch.arange(B).repeat_interleave(torch.tensor(n_extra))  # the sample of each re-encoded image
     if extras and isinstance(extras[0], tuple):  # clip: (pixel_values, image_grid_thw) pairs
-        extras = (cat([e[0] for e in extras]), cat([e[1] for e in extras]))
+        extras = (_cat([e[0] for e in extras]), _cat([e[1] for e in extras]))
     else:
-        extras = cat(extras)
+        extras = _cat(extras)
     position_ids, _ = get_rope_index(ids, grids, padding, image_token_id, merge)
     return dict(input_ids=ids, padding_mask=padding, targets=targets, position_ids=position_ids,
-                pixel_values=cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]),
+                pixel_values=_cat([s["pixel_values"] for s in samples if s["pixel_values"] is not None]),
                 image_grid_thw=grids, extra=extras, extra_rows=extra_rows,
                 mask_modeling=torch.zeros(B, dtype=torch.bool))
+
+
+def _cat(tensors):
+    return torch.cat(tensors) if tensors else None
+
+
+def _n_views(extra) -> int:
+    """Re-encoded images in a sample's extra: DINOv2 pixels (N, 3, 224, 224), or a clip (pixel_values, grid) pair."""
+    if extra is None:
+        return 0
+    return len(extra[1]) if isinstance(extra, tuple) else len(extra)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from model import load_state_dict_strict, open_checkpoint, read_weights
 
 # -----------------------------------------------------------------------------
-# DINOv2 (facebook/dinov2-*), frozen; mirrors transformers 5.23 Dinov2Model (section 3.8)
+# DINOv2 (facebook/dinov2-*), frozen; mirrors transformers 5.23 models/dinov2/modeling_dinov2.py Dinov2Model
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DinoConfig:
 
     @classmethod
     def from_state_dict(cls, sd: dict, prefix: str = "") -> "DinoConfig":
-        """Infer the config from tensor shapes: the VPT checkpoint stores none (vpt.md §10)."""
+        """Infer the config from tensor shapes: the authors' VPT checkpoints hold none in their config.json."""
         hidden_size = sd[prefix + "embeddings.cls_token"].shape[-1]
         _, num_channels, patch_size, _ = sd[prefix + "embeddings.patch_embeddings.projection.weight"].shape
         layer_prefix = prefix + "encoder.layer."
@@ -80,7 +80,7 @@ class Dinov2Embeddings(nn.Module):
 
     def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
         # mirrors Dinov2Embeddings.interpolate_pos_encoding (transformers 5.23): an exact size=(H//p, W//p), not the
-        # scale_factor of older transformers and facebookresearch/dinov2 (1.26 apart on random data, qwen2vl.md §3.8)
+        # scale_factor of older transformers and facebookresearch/dinov2 (1.26 apart on random data)
         pos = self.position_embeddings  # (1, 1 + side*side, C)
         num_positions = pos.shape[1] - 1
         if num_patches == num_positions and height == width:

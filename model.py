@@ -1,8 +1,9 @@
 """
-Qwen2-VL from scratch: the vision tower (ViT with 2-D RoPE and a 2x2 patch merger), the Qwen2 language model with
-M-RoPE and a preallocated KV cache, M-RoPE position ids, and loading/saving of Hub checkpoints.
-Module names equal the Hub checkpoint keys, so loading is a near-identity copy.
-Facts and formulas: ../shared/reference/qwen2vl.md (section numbers below refer to it).
+Qwen2-VL from scratch: configs, rotary embeddings, the vision tower (ViT with 2-D RoPE and a 2x2 patch merger), the
+Qwen2 language model with M-RoPE and a preallocated KV cache, M-RoPE position ids, the model that joins them,
+sampling with generate, and loading/saving of Hub checkpoints. Module names equal the Hub checkpoint keys, so loading
+is a near-identity copy. Each block mirrors the transformers 5.23 class or function named at it
+(models/qwen2_vl/modeling_qwen2_vl.py unless said), and the tests hold it to that.
 
 Shape legend: B batch, T new tokens, S keys (cached + new), C LLM width, nh / nkv query / key-value heads,
 hs head size, Np image patches (rows of pixel_values), D vision width, V vocabulary.
@@ -37,7 +38,8 @@ class VisionConfig:  # defaults: Qwen2-VL-2B-Instruct's ViT (identical for 7B ex
 
     def __post_init__(self):
         assert self.embed_dim % self.num_heads == 0
-        assert (self.embed_dim // self.num_heads) % 4 == 0, "2-D RoPE splits the head into h and w halves of cos/sin pairs"
+        assert (self.embed_dim // self.num_heads) % 4 == 0, \
+            "2-D RoPE splits the head into h and w halves of cos/sin pairs"
 
     @property
     def patch_dim(self):  # length of one pixel_values row: (c, t, py, px)
@@ -45,7 +47,7 @@ class VisionConfig:  # defaults: Qwen2-VL-2B-Instruct's ViT (identical for 7B ex
 
 
 @dataclass
-class QwenConfig:  # defaults: Qwen2-VL-2B-Instruct (../shared/reference/qwen2vl_2b_instruct.json)
+class QwenConfig:  # defaults: the Hub config.json of Qwen/Qwen2-VL-2B-Instruct
     vocab_size: int = 151936  # embedding rows; the tokenizer has 151657 tokens, the rest are spare rows
     hidden_size: int = 1536
     intermediate_size: int = 8960
@@ -109,10 +111,12 @@ class QwenConfig:  # defaults: Qwen2-VL-2B-Instruct (../shared/reference/qwen2vl
 
     def to_hf(self):
         """The flat Hub layout (what Qwen/Qwen2-VL-*-Instruct ship), readable by from_hf and by transformers."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("vision", "mrope_section", "rope_theta")}
+        nested = ("vision", "mrope_section", "rope_theta")  # written below in the Hub's own form
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
+        vision = {f.name: getattr(self.vision, f.name) for f in fields(self.vision) if f.name != "rope_theta"}
         d.update(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", hidden_act="silu",
                  rope_theta=self.rope_theta, rope_scaling={"type": "mrope", "mrope_section": list(self.mrope_section)},
-                 vision_config={f.name: getattr(self.vision, f.name) for f in fields(self.vision) if f.name != "rope_theta"})
+                 vision_config=vision)
         return d
 
 
@@ -151,7 +155,8 @@ def inv_freq(dim, theta, device):
 
 
 def mrope_cos_sin(position_ids, head_dim, theta, section):
-    """M-RoPE (section 3.6): frequency chunks of sizes `section` cycle through the t, h, w position axes."""
+    """M-RoPE, as Qwen2VLRotaryEmbedding.forward: frequency chunks of sizes `section` cycle through the t, h, w
+    position axes."""
     freqs = position_ids[..., None].float() * inv_freq(head_dim, theta, position_ids.device)  # (3, B, T, hs/2)
     chunks = freqs.split(list(section), dim=-1)
     freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, T, hs/2)
@@ -160,19 +165,21 @@ def mrope_cos_sin(position_ids, head_dim, theta, section):
 
 
 def vision_positions(grid_thw, merge):
-    """(h, w) of every patch in the merge-block-major row order of pixel_values (section 3.1 step 6, 3.3)."""
+    """(h, w) of every patch in the merge-block-major row order of pixel_values (data.process_image); mirrors
+    vision_utils.get_vision_position_ids."""
     pos = []
     for t, h, w in grid_thw.tolist():
         hpos = torch.arange(h)[:, None].expand(h, w)
         wpos = torch.arange(w)[None, :].expand(h, w)
         hw = torch.stack([hpos, wpos], dim=-1)  # (h, w, 2)
-        hw = hw.reshape(h // merge, merge, w // merge, merge, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)  # (h*w, 2)
+        hw = hw.reshape(h // merge, merge, w // merge, merge, 2)  # (h/m, m, w/m, m, 2)
+        hw = hw.permute(0, 2, 1, 3, 4).reshape(-1, 2)  # (h*w, 2), one m x m block after another
         pos.append(hw.repeat(t, 1))
     return torch.cat(pos)  # (Np, 2)
 
 
 # -----------------------------------------------------------------------------
-# vision tower (section 3.3)
+# vision tower: mirrors Qwen2VisionTransformerPretrainedModel
 
 
 class PatchEmbed(nn.Module):
@@ -197,11 +204,12 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, seqlens):
         N, D = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.nh, D // self.nh).permute(1, 2, 0, 3).unbind(0)  # 3 x (nh, Np, hs)
+        qkv = self.qkv(x).view(N, 3, self.nh, D // self.nh)  # (Np, 3, nh, hs)
+        q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # 3 x (nh, Np, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # each image attends only to itself (block-diagonal, cu_seqlens in the reference): one SDPA call per image
-        y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in
-                       zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))], dim=1)  # (nh, Np, hs)
+        # each image attends only to itself (block-diagonal, cu_seqlens in transformers): one SDPA call per image
+        per_image = zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))
+        y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in per_image], dim=1)  # (nh, Np, hs)
         return self.proj(y.transpose(0, 1).reshape(N, D))
 
 
@@ -271,7 +279,7 @@ class VisionTransformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# language model (section 3.6)
+# language model: mirrors Qwen2VLTextModel
 
 
 class RMSNorm(nn.Module):
@@ -398,7 +406,7 @@ def causal_mask(padding_mask, T, start=0):
 
 
 # -----------------------------------------------------------------------------
-# M-RoPE positions (section 3.5)
+# M-RoPE positions
 
 
 def get_rope_index(input_ids, image_grid_thw, padding_mask=None, image_token_id=151655, merge=2):
@@ -438,7 +446,8 @@ def get_rope_index(input_ids, image_grid_thw, padding_mask=None, image_token_id=
 
 
 def decode_positions(padding_mask, rope_delta, T=1):
-    """M-RoPE ids (3, B, T) of the next T tokens: real length so far + rope_delta (section 3.6 step 5)."""
+    """M-RoPE ids (3, B, T) of the next T tokens: real length so far + rope_delta, as the decode branch of
+    Qwen2VLModel.compute_3d_position_ids."""
     start = padding_mask.sum(1, keepdim=True) + rope_delta  # (B, 1)
     pos = start + torch.arange(T, device=padding_mask.device)[None]  # (B, T)
     return pos[None].expand(3, -1, -1)
@@ -469,7 +478,8 @@ class Qwen2VL(nn.Module):
         self.apply(init_weights)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """Token embeddings with the image features written over the <|image_pad|> slots, in order (section 3.4)."""
+        """Token embeddings with the image features written over the <|image_pad|> slots, in order (mirrors
+        Qwen2VLModel.forward: get_placeholder_mask, then masked_scatter)."""
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         if pixel_values is not None:
             feats = self.visual(pixel_values, image_grid_thw).to(x.dtype)  # (sum Np/4, C)
@@ -594,7 +604,8 @@ def read_weights(dirpath, allow_bin=False) -> dict:
     if not files and allow_bin:
         files, load = _weight_files(dirpath, "pytorch_model.bin.index.json", ".bin", "pytorch_model"), _load_bin
     if not files:
-        raise FileNotFoundError(f"no *.safetensors{' or pytorch_model*.bin' if allow_bin else ''} weights in {dirpath}")
+        kinds = "*.safetensors or pytorch_model*.bin" if allow_bin else "*.safetensors"
+        raise FileNotFoundError(f"no {kinds} weights in {dirpath}")
     sd = {}
     for name in files:
         sd.update(load(os.path.join(dirpath, name)))
@@ -628,9 +639,9 @@ def load_state_dict_strict(model, sd, dtype, device):
     bad = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(params[k].shape)}"
                  for k in set(params) & set(sd) if sd[k].shape != params[k].shape)
     if missing or unexpected or bad:
-        raise KeyError("checkpoint does not match the model:" + "".join(
-            f"\n  {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)) if keys))
+        lines = [f"\n  {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"  # the first 8 of each kind
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)) if keys]
+        raise KeyError("checkpoint does not match the model:" + "".join(lines))
     for k, p in params.items():
         mod_name, _, p_name = k.rpartition(".")
         t = sd.pop(k).to(device=device, dtype=dtype)  # the converted tensor replaces the meta one; the source can go

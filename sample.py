@@ -2,7 +2,8 @@
 Ask a model a question about images; the answer streams to stdout, perception tokens and timings go to stderr.
     python sample.py      # no arguments: the shipped synthetic VPT model (assets/synth) on assets/demo.png, offline
     python sample.py --init_from Qwen/Qwen2-VL-2B-Instruct --image photo.jpg --prompt "What is in this image?"
-    python sample.py --init_from rp-yu/Qwen2-VL-2b-VPT-Det --image photo.jpg --prompt "..." --vpt region --save_viz out.png
+    python sample.py --init_from rp-yu/Qwen2-VL-2b-VPT-Det --image photo.jpg --prompt "..." --vpt region \\
+        --save_viz out.png
 A VPT checkpoint (model_type qwen2_vl_vpt) answers through vpt.Sampler: with --vpt free it decides itself whether
 to select a region or re-encode the image, region/reencode force that path, off answers directly.
 """
@@ -20,7 +21,8 @@ import vpt
 
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DEMO_QUESTION = "What number is on the green square?"  # assets/demo.png: synth.make_scene(random.Random(2033), "shapes")
+# assets/demo.png is synth.make_scene(random.Random(2033), "shapes")
+DEMO_QUESTION = "What number is on the green square?"
 # the no-argument demo: the quick start's model, trained by config/synth.py and shipped in bfloat16 (~6 MB)
 DEMO = ["--init_from", os.path.join(ASSETS, "synth"), "--image", os.path.join(ASSETS, "demo.png"),
         "--prompt", DEMO_QUESTION, "--max_new_tokens", "32", "--save_viz", "demo_region.png"]
@@ -38,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only)")
     p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer")
     p.add_argument("--save_viz", default=None, help="write the image with the selected regions drawn in red")
@@ -121,8 +124,9 @@ def box_overlap(pred, gt):
     iw = max(0, min(pred[2], gt[2]) - max(pred[0], gt[0]))
     ih = max(0, min(pred[3], gt[3]) - max(pred[1], gt[1]))
     inter = iw * ih
-    area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
-    return inter / (area(pred) + area(gt) - inter), inter / area(gt)
+    area_pred = (pred[2] - pred[0]) * (pred[3] - pred[1])
+    area_gt = (gt[2] - gt[0]) * (gt[3] - gt[1])
+    return inter / (area_pred + area_gt - inter), inter / area_gt
 
 
 def evaluate(args, path, is_vpt, dtype, gen):
@@ -136,8 +140,8 @@ def evaluate(args, path, is_vpt, dtype, gen):
     else:
         if args.vpt != "off":
             sys.exit(f"{args.init_from} is a plain Qwen2-VL: evaluate it with --vpt off")
-        model, tok, img_cfg = M.from_pretrained(path, dtype, args.device), data.Tokenizer(path), \
-            data.ImageConfig.from_dir(path)
+        model = M.from_pretrained(path, dtype, args.device)
+        tok, img_cfg = data.Tokenizer(path), data.ImageConfig.from_dir(path)
     stop = tok.stop_ids
     hits, kinds, overlaps = 0, {"region": 0, "reencode": 0}, []
     for r in records:

@@ -1,5 +1,5 @@
 # Stage 1 of VPT-Det: align the DINOv2-L projector to Qwen2-VL-2B-Instruct (the projector only, no control tokens).
-# Source: the authors' configs/Qwen2-VL-2b-VPT-Det-Alignment.yaml (vpt.md 5.1): lr 2e-3, 16 per device x 4
+# Source: configs/Qwen2-VL-2b-VPT-Det-Alignment.yaml in yu-rp/VisualPerceptionToken: lr 2e-3, 16 per device x 4
 # accumulation, 1 epoch over llava_alignment_detection_qwen_response_train (585k), cosine with 3 % warm-up.
 # Global batch 128 on 2 GPUs here: 16 x 4 x 2.
 init_from = "Qwen/Qwen2-VL-2B-Instruct"

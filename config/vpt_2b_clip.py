@@ -1,7 +1,8 @@
 # VPT-CLIP: instruction tuning of Qwen2-VL-2B-Instruct with Qwen's own ViT as the re-encoder (no alignment stage).
-# Source: configs/Qwen2-VL-2b-VPT-CLIP.yaml (vpt.md 5.1): lr 2e-5, 4 per device x 8 accumulation, max_steps 6000,
-# cosine with 3 % warm-up, mask modeling p = 0.5, everything but `visual` trained. Global batch 256 on 8 GPUs.
-# (The authors' dataset_info.json maps no clip_images column, so their run could not read <clip_image>: vpt.md 8.)
+# Source: configs/Qwen2-VL-2b-VPT-CLIP.yaml in yu-rp/VisualPerceptionToken: lr 2e-5, 4 per device x 8
+# accumulation, max_steps 6000, cosine with 3 % warm-up, mask modeling p = 0.5, everything but `visual` trained.
+# Global batch 256 on 8 GPUs. (The authors' LLaMA-Factory/data/dataset_info.json maps no clip_images column, so
+# their run could not read <clip_image>.)
 init_from = "Qwen/Qwen2-VL-2B-Instruct"
 encoder = "clip"
 stage = "finetune"

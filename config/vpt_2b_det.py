@@ -1,6 +1,7 @@
 # Stage 2 of VPT-Det: instruction tuning of everything but the vision encoders, from the aligned checkpoint.
-# Source: configs/Qwen2-VL-2b-VPT-Det.yaml (vpt.md 5.1): lr 2e-5, 8 per device x 4 accumulation, max_steps 6000,
-# cosine with 3 % warm-up, cutoff 2048, mask modeling p = 0.5 (the yaml's misspelt `ara_mask_id` switched it off).
+# Source: configs/Qwen2-VL-2b-VPT-Det.yaml in yu-rp/VisualPerceptionToken: lr 2e-5, 8 per device x 4
+# accumulation, max_steps 6000, cosine with 3 % warm-up, cutoff 2048, mask modeling p = 0.5 (the yaml's misspelt
+# `ara_mask_id` switched it off).
 # Global batch 256 on 8 GPUs: 8 x 4 x 8. The 2B model at 2048 tokens needs activation checkpointing on 80 GB.
 init_from = "out-align-2b-det"
 encoder = "dino"
