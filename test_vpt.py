@@ -833,11 +833,11 @@ def test_mask_modeling_hides_the_first_user_turn(vpt_dir):
     b["pixel_values"][:n0] = torch.randn(n0, a["pixel_values"].size(1))  # the first image, seen by row 0 only
     losses = {}
     with torch.no_grad():
-        h_a, control, cache_a, plan = model.prefix(a)
+        control = model.prefix(a).control
         for name, batch, with_mask in (("a", a, True), ("b", b, True), ("b unmasked", b, False)):
             batch = {**batch, "mask_modeling": batch["mask_modeling"] & with_mask}
-            h, _, cache, plan = model.prefix(batch)
-            hidden = model.suffix(batch, plan, control, cache, h)  # the control vector of batch a throughout
+            pre = model.prefix(batch)._replace(control=control)  # the control vector of batch a throughout
+            hidden = model.suffix(batch, pre)
             logits = model.lm_head(hidden[row])
             losses[name] = F.cross_entropy(logits, a["targets"][row], ignore_index=-100).item()
     print(f"answer loss: {losses}")

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -171,6 +172,43 @@ class VPTConfig:
         assert self.encoder in PREFIX, f"encoder must be one of {list(PREFIX)}, not {self.encoder!r}"
 
 
+class GradCache:
+    """A KV cache that autograd can see through (training): keeps each layer's keys and values and concatenates new
+    ones, where KVCache writes into a preallocated buffer for decoding."""
+
+    def __init__(self):
+        self.k, self.v, self.pos = {}, {}, 0
+
+    def update(self, layer, k, v):
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)  # (B, nkv, S, hs)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def advance(self, T):
+        self.pos += T
+
+
+class Plan(NamedTuple):
+    """Where each row of a batch splits for the one-pass training forward (VPT.plan)."""
+    act: torch.Tensor  # (B,) index of the row's <|*_action|>, T for a row without one
+    has_act: torch.Tensor  # (B,) bool: the row has a control token
+    P: int  # the prefix window [0, P) that every row runs first
+    split: torch.Tensor  # (B,) where the row's suffix starts
+    span: torch.Tensor  # (B, T) bool: keys the row's suffix may not see (its mask-modeled first user turn)
+
+
+class Prefix(NamedTuple):
+    """The prefix piece of the one-pass forward, which the suffix continues (VPT.prefix)."""
+    plan: Plan
+    x: torch.Tensor  # (B, T, C) input embeddings, re-encoded features not yet conditioned
+    f: torch.Tensor  # (N*S, Cf) re-encoded feature rows, None without re-encoded images
+    owner: torch.Tensor  # (N*S,) control-vector index of each feature row, -1: none
+    h: torch.Tensor  # (B, P, C) hidden states of the prefix window
+    cache: GradCache  # its keys and values
+    control: torch.Tensor  # (K, C) the hidden state at each <|*_action_start|>, in row order
+
+
 class VPT(M.Qwen2VL):
     """Qwen2-VL + an extra encoder and its control projector. Parameter names are the authors': detection_model.*,
     detection_projector.* (DINOv2) or clip_projector.* (clip)."""
@@ -210,9 +248,7 @@ class VPT(M.Qwen2VL):
 
     def forward(self, batch, targets=None):
         """Training forward over a collated batch (data.collate) -> (logits, loss). One LLM pass in two pieces."""
-        h, control, cache, plan = self.prefix(batch)
-        hidden = self.suffix(batch, plan, control, cache, h)
-        return self.head(hidden, targets)
+        return self.head(self.suffix(batch, self.prefix(batch)), targets)
 
     def embed_batch(self, batch, plan):
         """Token embeddings with the images, and the re-encoded features unconditioned: right for samples without a
@@ -226,8 +262,8 @@ class VPT(M.Qwen2VL):
         slots = ids == self.tokens.pad
         if int(slots.sum()) != f.size(0):
             raise ValueError(f"{int(slots.sum())} {PREFIX[self.vcfg.encoder]} pad slots but {f.size(0)} features")
-        ctl = torch.full_like(plan["act"], -1)  # (B,) control-vector index of each row
-        ctl[plan["has_act"]] = torch.arange(int(plan["has_act"].sum()), device=ids.device)
+        ctl = torch.full_like(plan.act, -1)  # (B,) control-vector index of each row
+        ctl[plan.has_act] = torch.arange(int(plan.has_act.sum()), device=ids.device)
         owner = ctl[batch["extra_rows"]].repeat_interleave(counts)  # (N*S,)
         return x.masked_scatter(slots[..., None], self.projector(f).to(x.dtype)), f, owner
 
@@ -262,29 +298,30 @@ class VPT(M.Qwen2VL):
         span = self.first_user_turn(ids) & masked[:, None]  # (B, T) keys the suffix may not see
         turn_end = torch.where(span.any(1), T - span.flip(1).float().argmax(1), act)  # first index after the span
         split = torch.where(masked, turn_end, torch.where(has_act, act, torch.full_like(act, P).clamp(max=T)))
-        return dict(act=act, has_act=has_act, P=P, split=split, span=span)
+        return Plan(act, has_act, P, split, span)
 
     def prefix(self, batch):
+        """The first piece of the one pass: every row's tokens [0, P), which give the control vectors."""
         pad, pos = batch["padding_mask"], batch["position_ids"]
         plan = self.plan(batch)
-        P = plan["P"]
+        P = plan.P
         x, f, owner = self.embed_batch(batch, plan)
         cache = GradCache()
         # the prefix is the same window [0, P) for every row: a row's keys past its own split are hidden from its
         # suffix, and rows without a control token continue from P
-        h_prefix = self.model(x[:, :P], pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
-        rows = plan["has_act"].nonzero().squeeze(1)
-        control = h_prefix[rows, plan["act"][rows] - 1]  # (K, C): the hidden state at <|*_action_start|>
-        return (x, h_prefix, f, owner), control, cache, plan
+        h = self.model(x[:, :P], pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
+        rows = plan.has_act.nonzero().squeeze(1)
+        control = h[rows, plan.act[rows] - 1]  # (K, C): the hidden state at <|*_action_start|>
+        return Prefix(plan, x, f, owner, h, cache, control)
 
-    def suffix(self, batch, plan, control, cache, state):
+    def suffix(self, batch, pre):
         """Runs tokens [split, T) of each row on top of the prefix cache and returns all (B, T, C) hidden states."""
-        (x, h_prefix, f, owner), pad, pos = state, batch["padding_mask"], batch["position_ids"]
-        B, T, C = x.shape
-        P, split = plan["P"], plan["split"]
+        pad, pos = batch["padding_mask"], batch["position_ids"]
+        B, T, C = pre.x.shape
+        P, split = pre.plan.P, pre.plan.split
         if int(split.min()) >= T:  # no row continues past the prefix (no control tokens at all)
-            return h_prefix
-        x = self.condition(x, batch, control, f, owner)
+            return pre.h
+        x = self.condition(pre.x, batch, pre.control, pre.f, pre.owner)
         # gather each row's suffix into a (B, Q) window
         Q = int((T - split).max())
         j = torch.arange(Q, device=x.device)[None]  # (1, Q)
@@ -295,16 +332,16 @@ class VPT(M.Qwen2VL):
         # keys: the prefix window (P) then the suffix window (Q). A suffix query sees prefix keys before its row's
         # split, except the first user turn of a mask-modeled row, and suffix keys causally
         kp = torch.arange(P, device=x.device)[None]  # (1, P)
-        see_prefix = (kp < split[:, None]) & pad[:, :P].bool() & ~plan["span"][:, :P]  # (B, P)
+        see_prefix = (kp < split[:, None]) & pad[:, :P].bool() & ~pre.plan.span[:, :P]  # (B, P)
         causal = j.T >= j  # (Q, Q) query >= key
         see_suffix = causal[None] & valid[:, None, :]  # (B, Q, Q)
         mask = torch.cat([see_prefix[:, None].expand(B, Q, P), see_suffix], dim=2)  # (B, Q, P+Q)
         mask = mask | (torch.arange(P + Q, device=x.device)[None] == P + j.T)[None]  # a query always sees itself
-        h_suffix = self.model(xs, ps, mask[:, None], cache)  # (B, Q, C)
+        h_suffix = self.model(xs, ps, mask[:, None], pre.cache)  # (B, Q, C)
         # back to the (B, T) layout: position t comes from the prefix if t < split, else from suffix slot t - split
         t = torch.arange(T, device=x.device)[None]  # (1, T)
         idx = torch.where(t < split[:, None], t.clamp(max=P - 1), P + (t - split[:, None]).clamp(min=0, max=Q - 1))
-        both = torch.cat([h_prefix, h_suffix], dim=1)  # (B, P+Q, C)
+        both = torch.cat([pre.h, h_suffix], dim=1)  # (B, P+Q, C)
         return both.gather(1, idx[..., None].expand(B, T, C))
 
     def forward_two_pass(self, batch, targets=None):
@@ -316,29 +353,12 @@ class VPT(M.Qwen2VL):
         plan = self.plan(batch)
         x, f, owner = self.embed_batch(batch, plan)
         h1 = self.model(x, pos, M.causal_mask(pad, T))
-        rows = plan["has_act"].nonzero().squeeze(1)
-        x = self.condition(x, batch, h1[rows, plan["act"][rows] - 1], f, owner)
+        rows = plan.has_act.nonzero().squeeze(1)
+        x = self.condition(x, batch, h1[rows, plan.act[rows] - 1], f, owner)
         mask = M.causal_mask(pad, T)  # (B, 1, T, T)
-        after = torch.arange(T, device=ids.device)[None] >= plan["split"][:, None]  # (B, T) queries past the split
-        barred = after[:, :, None] & plan["span"][:, None, :]  # (B, T, T)
+        after = torch.arange(T, device=ids.device)[None] >= plan.split[:, None]  # (B, T) queries past the split
+        barred = after[:, :, None] & plan.span[:, None, :]  # (B, T, T)
         return self.head(self.model(x, pos, mask & ~barred[:, None]), targets)
-
-
-class GradCache:
-    """A KV cache that autograd can see through (training): keeps each layer's keys and values and concatenates new
-    ones, where KVCache writes into a preallocated buffer for decoding."""
-
-    def __init__(self):
-        self.k, self.v, self.pos = {}, {}, 0
-
-    def update(self, layer, k, v):
-        if layer in self.k:
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)  # (B, nkv, S, hs)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def advance(self, T):
-        self.pos += T
 
 
 # -----------------------------------------------------------------------------
