@@ -260,15 +260,6 @@ def to_device(batch, device):
     return {k: tuple(map(move, v)) if isinstance(v, tuple) else move(v) for k, v in batch.items()}
 
 
-def forward(model, batch):
-    """(logits at supervised positions, loss) for a VPT model or a plain Qwen2-VL."""
-    if isinstance(model, vpt.VPT) or isinstance(getattr(model, "module", None), vpt.VPT):
-        return model(batch, batch["targets"])
-    mask = M.causal_mask(batch["padding_mask"], batch["input_ids"].size(1))
-    return model(batch["input_ids"], batch["position_ids"], batch["pixel_values"], batch["image_grid_thw"],
-                 batch["targets"], mask)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -345,7 +336,7 @@ def main(cfg):
                 continue
             batch = to_device(batch, device)
             with ctx:
-                logits, loss = forward(raw, batch)
+                logits, loss = raw(batch, batch["targets"])
             losses.append(loss.item())
             if perception is not None:
                 tgt = batch["targets"][batch["targets"] != data.IGNORE_INDEX]
@@ -395,7 +386,7 @@ def main(cfg):
                     batch = to_device(batch, device)
                     tokens_seen += int(batch["padding_mask"].sum())
                     with ctx:
-                        _, loss = forward(model, batch)
+                        _, loss = model(batch, batch["targets"])
                 if not loss.requires_grad:  # nothing trained was touched (say, an alignment micro-batch without a
                     # re-encoded image): a zero gradient still keeps every rank's backward, and DDP, in step
                     loss = loss + sum(p.sum() for g in groups for p in g["params"]) * 0.0
