@@ -214,20 +214,18 @@ class VPT(M.Qwen2VL):
     detection_projector.* (DINOv2) or clip_projector.* (clip)."""
 
     def __init__(self, cfg, vcfg, tokens):
-        super().__init__(cfg)
+        super().__init__(cfg)  # initialises the Qwen2-VL weights; the projector initialises its own
         self.vcfg, self.tokens = vcfg, tokens
         if vcfg.encoder == "dino":
             self.detection_model = M.Dinov2Model(vcfg.dino)
-        setattr(self, f"{PREFIX[vcfg.encoder]}_projector", self.projector_for(vcfg, cfg))
-        self.apply(M.init_weights)
-        self.projector.reset_parameters()
-
-    @staticmethod
-    def projector_for(vcfg, cfg):
-        return ControlProjector(vcfg.dino.hidden_size if vcfg.encoder == "dino" else None, cfg.hidden_size)
+            self.detection_model.apply(M.init_weights)
+            self.detection_projector = ControlProjector(vcfg.dino.hidden_size, cfg.hidden_size)
+        else:  # Qwen's own ViT re-encodes: its features already have the LLM's width
+            self.clip_projector = ControlProjector(None, cfg.hidden_size)
 
     @property
     def projector(self):
+        """The one projector, whichever its checkpoint name."""
         return self.detection_projector if self.vcfg.encoder == "dino" else self.clip_projector
 
     def extra_features(self, extra):
@@ -614,7 +612,7 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
         with open(os.path.join(dpath, "config.json")) as f:
             vcfg.dino = M.DinoConfig.from_hf(json.load(f))
         sd.update({"detection_model." + k: v for k, v in M.read_safetensors(dpath).items()})
-    fresh = VPT.projector_for(vcfg, cfg)
+    fresh = ControlProjector(vcfg.dino.hidden_size if encoder == "dino" else None, cfg.hidden_size)
     sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
     model = M.build_loaded(lambda: VPT(cfg, vcfg, tokens), sd, dtype, device)
     return model, tok, data.ImageConfig.from_dir(path)
