@@ -484,6 +484,10 @@ class Qwen2VL(nn.Module):
         h = self.model(x, batch["position_ids"], causal_mask(batch["padding_mask"], ids.size(1)))
         return self.head(h, targets)
 
+    def hub_config(self):
+        """The config.json of this model's checkpoints: the flat Hub layout (vpt.VPT adds its own fields)."""
+        return self.cfg.to_hf()
+
     def head(self, h, targets=None):
         if targets is None:
             return self.lm_head(h), None

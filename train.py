@@ -157,12 +157,9 @@ def save_checkpoint(model, tok, img_cfg, optimizer, state, out_dir):
     out_dir never holds a half-written file and sample.py / from_pretrained can load it as it is."""
     tmp = os.path.join(out_dir, ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(model, vpt.VPT):
-        vpt.save(model, tok, img_cfg, tmp)
-    else:
-        M.save_pretrained(model, tmp, model.cfg.to_hf())
-        tok.save(tmp)
-        img_cfg.save(tmp)
+    M.save_pretrained(model, tmp, model.hub_config())
+    tok.save(tmp)
+    img_cfg.save(tmp)
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(state, os.path.join(tmp, "train_state.pt"))
     for name in sorted(os.listdir(tmp), key=lambda n: n == "train_state.pt"):
@@ -313,7 +310,7 @@ def main(cfg):
                     find_unused_parameters=cfg.stage != "align")
 
     # --- data
-    T = raw.tokens if isinstance(raw, vpt.VPT) else None
+    T = getattr(raw, "tokens", None)  # the perception tokens; a plain Qwen2-VL has none
     make_ds = lambda path: data.VPTDataset(path, tok, img_cfg, cfg.encoder if T else None, T and T.pad, T and T.act,
                                            max_len=cfg.max_len)
     train_ds, val_ds = make_ds(cfg.train_data), make_ds(cfg.val_data)

@@ -228,6 +228,14 @@ class VPT(M.Qwen2VL):
         """The one projector, whichever its checkpoint name."""
         return self.detection_projector if self.vcfg.encoder == "dino" else self.clip_projector
 
+    def hub_config(self):
+        """config.json: the flat Qwen2-VL config, the fields the authors' VPT_Qwen2VLConfig writes, ours under "vpt"."""
+        p, T = PREFIX[self.vcfg.encoder], self.tokens
+        return {**super().hub_config(), "model_type": "qwen2_vl_vpt",
+                "architectures": ["VPT_Qwen2VLForConditionalGeneration"], "vision_encoder_ls": [self.vcfg.encoder],
+                f"{p}_image_token_id": T.pad, f"{p}_action_id": T.act, f"{p}_action_start_id": T.act_start,
+                "vpt": asdict(self.vcfg)}
+
     def extra_features(self, extra):
         """The re-encoded images -> ((N*S, Cf) feature rows, (N,) rows per image). extra: DINOv2 pixels (N, 3, 224,
         224), or for clip a (pixel_values, image_grid_thw) pair run through Qwen's own ViT."""
@@ -536,18 +544,10 @@ def read_weights(path):
     return sd
 
 
-def config_dict(model):
-    """config.json: the flat Qwen2-VL config plus the fields the authors' class writes, plus ours under "vpt"."""
-    p, T = PREFIX[model.vcfg.encoder], model.tokens
-    return {**model.cfg.to_hf(), "model_type": "qwen2_vl_vpt", "architectures": ["VPT_Qwen2VLForConditionalGeneration"],
-            "vision_encoder_ls": [model.vcfg.encoder], f"{p}_image_token_id": T.pad, f"{p}_action_id": T.act,
-            f"{p}_action_start_id": T.act_start, "vpt": asdict(model.vcfg)}
-
-
 def save(model, tok, img_cfg, path):
     """A checkpoint that from_pretrained and sample.py load: model.safetensors, config.json, tokenizer.json (with
     the perception tokens), preprocessor_config.json. Each file is written under a temporary name and renamed."""
-    M.save_pretrained(model, path, config_dict(model))
+    M.save_pretrained(model, path, model.hub_config())
     tmp = os.path.join(path, "tokenizer.json.tmp")
     tok.save(tmp + ".json")
     os.replace(tmp + ".json", os.path.join(path, "tokenizer.json"))
