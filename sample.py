@@ -86,7 +86,7 @@ def main(argv=None):
     ids = torch.tensor([ids], device=args.device)
     if pixel_values is not None:
         pixel_values, grid = pixel_values.to(args.device), grid.to(args.device)
-    stop = {tok.im_end_id, tok.endoftext_id}
+    stop = vpt.stop_ids(tok)
     tokens = M.generate(model, ids, None, pixel_values, grid, args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p, stop_ids=stop, generator=gen)
     return stream(tokens, tok, stop, ids.size(1))
@@ -98,7 +98,7 @@ def answer_vpt(args, path, dtype, gen):
     model, tok, img_cfg = vpt.from_pretrained(path, dtype=dtype, device=args.device)
     sampler = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, gen)
-    stop = {tok.im_end_id, tok.endoftext_id}
+    stop = vpt.stop_ids(tok)
     ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, stop, None, sampler)
     for r in sampler.rounds:
         if r.kind == "region":
@@ -143,7 +143,7 @@ def evaluate(args, path, is_vpt, dtype, gen):
             sys.exit(f"{args.init_from} is a plain Qwen2-VL: evaluate it with --vpt off")
         model, tok, img_cfg = M.from_pretrained(path, dtype, args.device), data.Tokenizer(path), \
             data.ImageConfig.from_dir(path)
-    stop = {tok.im_end_id, tok.endoftext_id}
+    stop = vpt.stop_ids(tok)
     hits, kinds, overlaps = 0, {"region": 0, "reencode": 0}, []
     for r in records:
         question = r["messages"][0]["content"].replace(data.IMAGE_PLACEHOLDER, "").strip()

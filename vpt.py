@@ -373,6 +373,11 @@ class VPT(M.Qwen2VL):
 MODES = ("off", "free", "region", "reencode")
 
 
+def stop_ids(tok):
+    """The ids that end an answer, for any model: <|im_end|> closes the assistant turn, <|endoftext|> the text."""
+    return {tok.im_end_id, tok.endoftext_id}
+
+
 @dataclass
 class Round:
     """One perception round, for stderr, --save_viz and evaluation."""
@@ -397,7 +402,7 @@ class Sampler:
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         self.max_new_tokens = max_new_tokens
         self.T = model.tokens
-        self.stop = {tok.im_end_id, tok.endoftext_id}
+        self.stop = stop_ids(tok)
 
     def prompt(self, question):
         trigger = {"region": REGION_TRIGGER, "reencode": REENCODE_TRIGGER}.get(self.mode)
