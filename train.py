@@ -1,9 +1,14 @@
 """
-Trains Qwen2-VL with Visual Perception Tokens, nanoGPT style: one process on a CPU or one GPU,
+Trains Qwen2-VL with Visual Perception Tokens, or without them (the baseline), nanoGPT style: one process on a CPU
+or one GPU,
     python train.py config/synth.py --device=cpu
 or DDP across GPUs and nodes with torchrun,
     torchrun --standalone --nproc_per_node=8 train.py config/vpt_2b_det.py
 Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value.
+This file owns the training config and its parser, the learning-rate schedule, building or resuming the model,
+parameter groups and stages, checkpoints with their resume state, the step-indexed data order (the same batches
+after resume and under any world size), evaluation and the loop. Citations as in vpt.py: "VPT §n" is the paper
+(arXiv 2502.17425), file and key names are the authors' repository (github.com/yu-rp/VisualPerceptionToken).
 """
 import ast
 import dataclasses
@@ -39,12 +44,12 @@ class TrainConfig:
     dino: str = "facebook/dinov2-large"  # its checkpoint, when starting from a base Qwen2-VL
     dino_preset: str = "tiny"  # model.DINO_PRESETS entry, for scratch
     grid: int = 8  # region cells per side of a new VPT model (the paper's k)
-    region_margin: int = 1  # cells added around a selected region before cropping (the authors' evaluation)
+    region_margin: int = 1  # cells added around a selected region before cropping (1 in the authors' harness)
     # data
     train_data: str = "data/synth/train.jsonl"
     val_data: str = "data/synth/val.jsonl"
     max_len: int = 2048  # longer samples are dropped whole and counted (the authors' cutoff_len)
-    mask_prob: float = 0.5  # VPT section 3.2 mask modeling, per sample with a control token
+    mask_prob: float = 0.5  # VPT §3.2 mask modeling, per sample with a control token
     num_workers: int = 2  # DataLoader processes decoding images
     # optimization
     stage: str = "finetune"  # "align": projector feature path only; "finetune": all but the vision encoders; "all"
@@ -96,7 +101,8 @@ def parse_config(argv):
         if not arg.startswith("--"):
             tree = ast.parse(open(arg).read(), arg)
             for node in tree.body:
-                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                single = isinstance(node, ast.Assign) and len(node.targets) == 1
+                if not (single and isinstance(node.targets[0], ast.Name)):
                     raise ValueError(f"{arg}:{node.lineno}: only `key = literal` lines are allowed")
                 put(node.targets[0].id, ast.literal_eval(node.value), f"{arg}:{node.lineno}")
         else:
@@ -155,7 +161,8 @@ def build(cfg):
 def param_groups(model, cfg):
     """Named groups with their own learning rates; weight decay on matrices only. Freezing by stage:
     align trains the projector's feature path (its condition path gets no gradient without control tokens),
-    finetune everything but the vision encoders (the authors' recipe), all everything (training from scratch)."""
+    finetune everything but the vision encoders (the authors' freefreeze_frozen_modules: detection_model,visual in
+    configs/Qwen2-VL-2b-VPT-Det.yaml), all everything (training from scratch). Logs the counts."""
     proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
     groups = {}
     for name, p in model.named_parameters():
@@ -170,14 +177,15 @@ def param_groups(model, cfg):
         kind = "projector" if name.startswith(proj) else "embeddings" if "embed_tokens" in name else "model"
         lr = {"projector": cfg.lr_projector, "embeddings": cfg.lr_embed}.get(kind) or cfg.lr
         decay = p.dim() >= 2 and cfg.weight_decay > 0
-        g = groups.setdefault((kind, decay), dict(name=f"{kind}{'' if decay else ' (no decay)'}", params=[],
-                                                  base_lr=lr, weight_decay=cfg.weight_decay if decay else 0.0))
-        g["params"].append(p)
+        if (kind, decay) not in groups:
+            groups[kind, decay] = dict(name=kind if decay else f"{kind} (no decay)", params=[], base_lr=lr,
+                                       weight_decay=cfg.weight_decay if decay else 0.0)
+        groups[kind, decay]["params"].append(p)
     groups = list(groups.values())
     n_train = sum(p.numel() for g in groups for p in g["params"])
     n_all = sum(p.numel() for p in model.parameters())
-    log(f"parameters: {n_train:,} trained, {n_all - n_train:,} frozen ({cfg.stage}); groups: " +
-        ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,} at lr {g['base_lr']:g}" for g in groups))
+    sizes = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,} at lr {g['base_lr']:g}" for g in groups)
+    log(f"parameters: {n_train:,} trained, {n_all - n_train:,} frozen ({cfg.stage}); groups: {sizes}")
     return groups
 
 
@@ -293,8 +301,9 @@ def loader(schedule, start, stop, collate, num_workers):
 
 
 def mask_draw(batch, cfg, k):
-    """VPT section 3.2: each sample with a control token is mask-modeled with probability mask_prob, drawn from a
-    generator seeded by the global micro-batch index, so it is the same under any world size and after resume."""
+    """VPT §3.2 mask modeling: each sample with a control token is mask-modeled with probability mask_prob, drawn
+    from a generator seeded by the global micro-batch index, so it is the same under any world size and after
+    resume."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
     return torch.rand(batch["input_ids"].size(0), generator=g) < cfg.mask_prob
 
@@ -356,7 +365,8 @@ def backward(loss, groups, iter_num, cfg):
 @torch.no_grad()
 def evaluate(model, batches, perception, ctx, device):
     """(validation loss, teacher-forced accuracy on the perception-token targets), averaged over all processes.
-    perception: the ids whose targets the accuracy counts (the authors' metric), None for a plain Qwen2-VL."""
+    perception: the ids whose targets the accuracy counts (the authors' class-wise accuracy over the new tokens,
+    ClassWiseComputeAccuracy in LLaMA-Factory's train/sft/metric.py), None for a plain Qwen2-VL."""
     model.eval()
     losses, hits, n = [], 0, 0
     for batch in batches:
