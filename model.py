@@ -489,13 +489,20 @@ class Qwen2VL(nn.Module):
             x = x.masked_scatter(slots[..., None], feats)
         return x
 
-    def forward(self, input_ids, position_ids, pixel_values=None, image_grid_thw=None, targets=None, mask=None,
-                kv_cache=None):
-        """-> (logits, loss). targets (B, T): the token each position must predict (already shifted), -100 = none.
-        With targets, logits are computed only at the supervised positions (N, V): the full (B, T, V) tensor of a
-        150k vocabulary is the largest activation in training. Without targets, logits are (B, T, V)."""
-        h = self.model(self.embed(input_ids, pixel_values, image_grid_thw), position_ids, mask, kv_cache)
+    def forward(self, batch, targets=None):
+        """A collated batch (data.collate: input_ids and padding_mask (B, T), position_ids (3, B, T), pixel_values,
+        image_grid_thw) -> (logits, loss), the calling convention vpt.VPT shares. targets (B, T): the token each
+        position must predict (already shifted), -100 = none. With targets, logits are computed only at the
+        supervised positions (N, V): the full (B, T, V) tensor of a 150k vocabulary is the largest activation in
+        training. Without targets, logits are (B, T, V). Decoding calls embed, model and lm_head itself."""
+        ids = batch["input_ids"]
+        x = self.embed(ids, batch["pixel_values"], batch["image_grid_thw"])  # (B, T, C)
+        h = self.model(x, batch["position_ids"], causal_mask(batch["padding_mask"], ids.size(1)))
         return self.head(h, targets)
+
+    def hub_config(self):
+        """The config.json of this model's checkpoints: the flat Hub layout (vpt.VPT adds its own fields)."""
+        return self.cfg.to_hf()
 
     def head(self, h, targets=None):
         if targets is None:

@@ -79,7 +79,7 @@ def hf_logits(hf, ids, mask, pv=None, grid=None):
 def ours_logits(model, ids, mask, pv=None, grid=None):
     pos, _ = M.get_rope_index(ids, grid, mask, IMG)
     with torch.no_grad():
-        return model(ids, pos, pv, grid, mask=M.causal_mask(mask, ids.size(1)))[0]
+        return model(dict(input_ids=ids, padding_mask=mask, position_ids=pos, pixel_values=pv, image_grid_thw=grid))[0]
 
 
 def random_pixels(grid, seed=0):
@@ -855,11 +855,11 @@ def test_mask_modeling_hides_the_first_user_turn(vpt_dir):
     b["pixel_values"][:n0] = torch.randn(n0, a["pixel_values"].size(1))  # the first image, seen by row 0 only
     losses = {}
     with torch.no_grad():
-        h_a, control, cache_a, plan = model.prefix(a)
+        control = model.prefix(a).control
         for name, batch, with_mask in (("a", a, True), ("b", b, True), ("b unmasked", b, False)):
             batch = {**batch, "mask_modeling": batch["mask_modeling"] & with_mask}
-            h, _, cache, plan = model.prefix(batch)
-            hidden = model.suffix(batch, plan, control, cache, h)  # the control vector of batch a throughout
+            pre = model.prefix(batch)._replace(control=control)  # the control vector of batch a throughout
+            hidden = model.suffix(batch, pre)
             logits = model.lm_head(hidden[row])
             losses[name] = F.cross_entropy(logits, a["targets"][row], ignore_index=-100).item()
     print(f"answer loss: {losses}")
@@ -1123,13 +1123,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(vpt_dir, tmp_path, monkeyp
     out = tmp_path / "o"
     train.main(train_cfg(vpt_dir, out, "--max_iters=2"))
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    real = train.forward
+    real = vpt.VPT.forward
 
-    def nan_forward(model, batch):
-        logits, loss = real(model, batch)
+    def nan_forward(model, batch, targets=None):
+        logits, loss = real(model, batch, targets)
         return logits, loss * float("nan")
 
-    monkeypatch.setattr(train, "forward", nan_forward)
+    monkeypatch.setattr(vpt.VPT, "forward", nan_forward)
     with pytest.raises(RuntimeError, match="loss is nan at step 2.*untouched"):
         train.main(train_cfg(vpt_dir, out, "--max_iters=4", "--init_from=resume"))
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before, "the last good checkpoint changed"

@@ -1,9 +1,14 @@
 """
-Trains Qwen2-VL with Visual Perception Tokens, nanoGPT style: one process on a CPU or one GPU,
+Trains Qwen2-VL with Visual Perception Tokens, or without them (the baseline), nanoGPT style: one process on a CPU
+or one GPU,
     python train.py config/synth.py --device=cpu
 or DDP across GPUs and nodes with torchrun,
     torchrun --standalone --nproc_per_node=8 train.py config/vpt_2b_det.py
 Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value.
+This file owns the training config and its parser, the learning-rate schedule, building or resuming the model,
+parameter groups and stages, checkpoints with their resume state, the step-indexed data order (the same batches
+after resume and under any world size), evaluation and the loop. Citations as in vpt.py: "VPT §n" is the paper
+(arXiv 2502.17425), file and key names are the authors' repository (github.com/yu-rp/VisualPerceptionToken).
 """
 import ast
 import dataclasses
@@ -40,12 +45,12 @@ class TrainConfig:
     dino: str = "facebook/dinov2-large"  # its checkpoint, when starting from a base Qwen2-VL
     dino_preset: str = "tiny"  # model.DINO_PRESETS entry, for scratch
     grid: int = 8  # region cells per side of a new VPT model (the paper's k)
-    region_margin: int = 1  # cells added around a selected region before cropping (the authors' evaluation)
+    region_margin: int = 1  # cells added around a selected region before cropping (1 in the authors' harness)
     # data
     train_data: str = "data/synth/train.jsonl"
     val_data: str = "data/synth/val.jsonl"
     max_len: int = 2048  # longer samples are dropped whole and counted (the authors' cutoff_len)
-    mask_prob: float = 0.5  # VPT section 3.2 mask modeling, per sample with a control token
+    mask_prob: float = 0.5  # VPT §3.2 mask modeling, per sample with a control token
     num_workers: int = 2  # DataLoader processes decoding images
     # optimization
     stage: str = "finetune"  # "align": projector feature path only; "finetune": all but the vision encoders; "all"
@@ -97,7 +102,8 @@ def parse_config(argv):
         if not arg.startswith("--"):
             tree = ast.parse(open(arg).read(), arg)
             for node in tree.body:
-                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                single = isinstance(node, ast.Assign) and len(node.targets) == 1
+                if not (single and isinstance(node.targets[0], ast.Name)):
                     raise ValueError(f"{arg}:{node.lineno}: only `key = literal` lines are allowed")
                 put(node.targets[0].id, ast.literal_eval(node.value), f"{arg}:{node.lineno}")
         else:
@@ -153,28 +159,11 @@ def build(cfg):
     return M.from_pretrained(path), data.Tokenizer(path), data.ImageConfig.from_dir(path)
 
 
-def save_checkpoint(model, tok, img_cfg, optimizer, state, out_dir):
-    """Every file is written under .tmp/ and then renamed into out_dir, train_state.pt (the step marker) last, so
-    out_dir never holds a half-written file and sample.py / from_pretrained can load it as it is."""
-    tmp = os.path.join(out_dir, ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(model, vpt.VPT):
-        vpt.save(model, tok, img_cfg, tmp)
-    else:
-        M.save_pretrained(model, tmp, model.cfg.to_hf())
-        tok.save(tmp)
-        img_cfg.save(tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(state, os.path.join(tmp, "train_state.pt"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "train_state.pt"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
-
-
 def param_groups(model, cfg):
     """Named groups with their own learning rates; weight decay on matrices only. Freezing by stage:
     align trains the projector's feature path (its condition path gets no gradient without control tokens),
-    finetune everything but the vision encoders (the authors' recipe), all everything (training from scratch)."""
+    finetune everything but the vision encoders (the authors' freefreeze_frozen_modules: detection_model,visual in
+    configs/Qwen2-VL-2b-VPT-Det.yaml), all everything (training from scratch). Logs the counts."""
     proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
     groups = {}
     for name, p in model.named_parameters():
@@ -189,14 +178,55 @@ def param_groups(model, cfg):
         kind = "projector" if name.startswith(proj) else "embeddings" if "embed_tokens" in name else "model"
         lr = {"projector": cfg.lr_projector, "embeddings": cfg.lr_embed}.get(kind) or cfg.lr
         decay = p.dim() >= 2 and cfg.weight_decay > 0
-        g = groups.setdefault((kind, decay), dict(name=f"{kind}{'' if decay else ' (no decay)'}", params=[],
-                                                  base_lr=lr, weight_decay=cfg.weight_decay if decay else 0.0))
-        g["params"].append(p)
-    return list(groups.values())
+        if (kind, decay) not in groups:
+            groups[kind, decay] = dict(name=kind if decay else f"{kind} (no decay)", params=[], base_lr=lr,
+                                       weight_decay=cfg.weight_decay if decay else 0.0)
+        groups[kind, decay]["params"].append(p)
+    groups = list(groups.values())
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    n_all = sum(p.numel() for p in model.parameters())
+    sizes = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,} at lr {g['base_lr']:g}" for g in groups)
+    log(f"parameters: {n_train:,} trained, {n_all - n_train:,} frozen ({cfg.stage}); groups: {sizes}")
+    return groups
+
+
+def save_checkpoint(model, tok, img_cfg, optimizer, iter_num, best_val, cfg):
+    """The model as sample.py and from_pretrained load it, plus what resume needs: optimizer.pt and train_state.pt
+    (step, best validation loss, RNG, config). Every file is written under .tmp/ and then renamed into out_dir,
+    train_state.pt (the step marker) last, so out_dir never holds a half-written file."""
+    tmp = os.path.join(cfg.out_dir, ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    M.save_pretrained(model, tmp, model.hub_config())
+    tok.save(tmp)
+    img_cfg.save(tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    state = dict(iter_num=iter_num, best_val=best_val, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg))
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "train_state.pt"):
+        os.replace(os.path.join(tmp, name), os.path.join(cfg.out_dir, name))
+    os.rmdir(tmp)
+
+
+def load_train_state(optimizer, cfg, device):
+    """Resume, after build() has loaded the model from out_dir: restores the optimizer and the RNG, and returns
+    (step, best validation loss)."""
+    opt = torch.load(os.path.join(cfg.out_dir, "optimizer.pt"), map_location=device, weights_only=True)
+    optimizer.load_state_dict(opt)
+    state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+    torch.set_rng_state(state["rng"])
+    log(f"resumed from {cfg.out_dir} at step {state['iter_num']}")
+    return state["iter_num"], state["best_val"]
 
 
 # -----------------------------------------------------------------------------
 # data: a seeded, length-grouped order of micro-batches, the same for every world size
+
+
+def dataset(path, tok, img_cfg, tokens, cfg):
+    """A records file as training samples; tokens None (a plain Qwen2-VL) reads it without perception tokens."""
+    if tokens is None:
+        return data.VPTDataset(path, tok, img_cfg, max_len=cfg.max_len)
+    return data.VPTDataset(path, tok, img_cfg, cfg.encoder, tokens.pad, tokens.act, max_len=cfg.max_len)
 
 
 def micro_batches(dataset, cfg, epoch):
@@ -249,191 +279,6 @@ class StepBatches(torch.utils.data.Sampler):
         return (self.stop - self.start) * self.schedule.cfg.grad_accum
 
 
-def mask_draw(batch, cfg, k):
-    """VPT section 3.2: each sample with a control token is mask-modeled with probability mask_prob, drawn from a
-    generator seeded by the global micro-batch index, so it is the same under any world size and after resume."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-    return torch.rand(batch["input_ids"].size(0), generator=g) < cfg.mask_prob
-
-
-def to_device(batch, device):
-    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-    return {k: tuple(map(move, v)) if isinstance(v, tuple) else move(v) for k, v in batch.items()}
-
-
-def forward(model, batch):
-    """(logits at supervised positions, loss) for a VPT model or a plain Qwen2-VL."""
-    if isinstance(model, vpt.VPT) or isinstance(getattr(model, "module", None), vpt.VPT):
-        return model(batch, batch["targets"])
-    mask = M.causal_mask(batch["padding_mask"], batch["input_ids"].size(1))
-    return model(batch["input_ids"], batch["position_ids"], batch["pixel_values"], batch["image_grid_thw"],
-                 batch["targets"], mask)
-
-
-# -----------------------------------------------------------------------------
-
-
-def main(cfg):
-    # --- distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        device = f"cuda:{local}" if cfg.device.startswith("cuda") else cfg.device
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, cfg.device
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if not device.startswith("cuda"):  # leave cores to the other processes and DataLoader workers: CPU threads that
-        # wait on each other run many times slower than one thread alone
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - cfg.num_workers))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if device.startswith("cuda") and \
-        cfg.dtype != "float32" else nullcontext()
-
-    # --- model
-    model, tok, img_cfg = build(cfg)
-    model.to(device)
-    model.model.checkpointing = cfg.checkpointing
-    groups = param_groups(model, cfg)
-    n_train = sum(p.numel() for g in groups for p in g["params"])
-    n_all = sum(p.numel() for p in model.parameters())
-    log(f"parameters: {n_train:,} trained, {n_all - n_train:,} frozen ({cfg.stage}); groups: " +
-        ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,} at lr {g['base_lr']:g}" for g in groups))
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
-    iter_num, best_val = 0, float("inf")
-    if cfg.init_from == "resume":
-        optimizer.load_state_dict(torch.load(os.path.join(cfg.out_dir, "optimizer.pt"), map_location=device,
-                                             weights_only=True))
-        state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
-        iter_num, best_val = state["iter_num"], state["best_val"]
-        torch.set_rng_state(state["rng"])
-        log(f"resumed from {cfg.out_dir} at step {iter_num}")
-    if cfg.compile:
-        for layer in model.model.layers:
-            layer.compile()  # in place: parameter names (and checkpoints) stay as they are
-    raw = model
-    if ddp:
-        # the projector (and in stage "all" the vision encoders) receive no gradient in a micro-batch without a
-        # re-encoding sample (or without images), which mixed VPT data produces: DDP must look for unused parameters
-        model = DDP(model, device_ids=[local] if device.startswith("cuda") else None,
-                    find_unused_parameters=cfg.stage != "align")
-
-    # --- data
-    T = raw.tokens if isinstance(raw, vpt.VPT) else None
-    make_ds = lambda path: data.VPTDataset(path, tok, img_cfg, cfg.encoder if T else None, T and T.pad, T and T.act,
-                                           max_len=cfg.max_len)
-    train_ds, val_ds = make_ds(cfg.train_data), make_ds(cfg.val_data)
-    collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
-    loader = lambda ds, c, start, stop: iter(torch.utils.data.DataLoader(
-        ds, batch_sampler=StepBatches(Schedule(ds, c, rank, world), start, stop), collate_fn=collate,
-        num_workers=cfg.num_workers))
-    val_cfg = dataclasses.replace(cfg, grad_accum=1)  # validation: eval_iters micro-batches per process
-    train_iter = loader(train_ds, cfg, iter_num, cfg.max_iters)
-    schedule = Schedule(train_ds, cfg, rank, world)
-    perception = torch.tensor(sorted(T.perception())) if T else None
-
-    @torch.no_grad()
-    def evaluate():
-        """Validation loss and teacher-forced accuracy on the perception-token targets (the authors' metric)."""
-        model.eval()
-        losses, hits, n = [], 0, 0
-        for batch in loader(val_ds, val_cfg, 0, cfg.eval_iters):
-            if batch is None:
-                continue
-            batch = to_device(batch, device)
-            with ctx:
-                logits, loss = forward(raw, batch)
-            losses.append(loss.item())
-            if perception is not None:
-                tgt = batch["targets"][batch["targets"] != data.IGNORE_INDEX]
-                sel = torch.isin(tgt, perception.to(tgt.device))
-                hits += (logits[sel].argmax(-1) == tgt[sel]).sum().item()
-                n += int(sel.sum())
-        model.train()
-        stats = torch.tensor([sum(losses), len(losses), hits, n], dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(stats)
-        return (stats[0] / max(stats[1], 1)).item(), (stats[2] / stats[3]).item() if stats[3] else float("nan")
-
-    # --- the loop
-    if cfg.wandb_project and master:
-        import wandb
-        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    model.train()
-    dropped, t0, tokens_seen = 0, time.perf_counter(), 0
-    # forward + backward of the LLM: 6 flops per parameter and token (nanoGPT's estimate without the attention term;
-    # the vision encoders run on few rows and mostly frozen)
-    flops_per_token = 6 * sum(p.numel() for n, p in raw.named_parameters() if n.startswith("model."))
-    while iter_num < cfg.max_iters:
-        if cfg.eval_interval and iter_num % cfg.eval_interval == 0 and iter_num > 0:
-            val_loss, acc = evaluate()
-            log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
-            if master and cfg.wandb_project:
-                wandb.log({"val/loss": val_loss, "val/perception_acc": acc}, step=iter_num)
-            if master:
-                save_checkpoint(raw, tok, img_cfg, optimizer, dict(iter_num=iter_num, best_val=min(best_val, val_loss),
-                                rng=torch.get_rng_state(), config=dataclasses.asdict(cfg)), cfg.out_dir)
-            best_val = min(best_val, val_loss)
-        lr_scale = get_lr(iter_num, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_scale
-        total = torch.zeros((), device=device)
-        for micro, k in enumerate(schedule.step(iter_num)):
-            batch = next(train_iter)
-            # gradients are all-reduced on the last micro-step only
-            sync = model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()
-            with sync:
-                if batch is None:  # every sample of the micro-batch was over max_len
-                    dropped += cfg.batch_size
-                    loss = torch.zeros((), device=device)
-                else:
-                    dropped += batch.pop("dropped")
-                    batch["mask_modeling"] = mask_draw(batch, cfg, k)
-                    batch = to_device(batch, device)
-                    tokens_seen += int(batch["padding_mask"].sum())
-                    with ctx:
-                        _, loss = forward(model, batch)
-                if not loss.requires_grad:  # nothing trained was touched (say, an alignment micro-batch without a
-                    # re-encoded image): a zero gradient still keeps every rank's backward, and DDP, in step
-                    loss = loss + sum(p.sum() for g in groups for p in g["params"]) * 0.0
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"loss is {loss.item()} at step {iter_num}; stopping. The last good checkpoint "
-                                       f"in {cfg.out_dir} is untouched.")
-                (loss / cfg.grad_accum).backward()
-            total += loss.detach() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            if ddp:
-                dist.all_reduce(total, op=dist.ReduceOp.AVG)
-            dt = time.perf_counter() - t0
-            tps = tokens_seen * world / dt
-            line = f"step {iter_num}: loss {total.item():.4f}, lr {cfg.lr * lr_scale:.2e}, {tps:,.0f} tokens/s"
-            if device.startswith("cuda"):
-                peak = 989e12 * world  # H100 SXM dense bf16
-                line += (f", MFU {flops_per_token * tps / peak * 100:.1f}%, "
-                         f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-            log(line + (f", {dropped} samples over max_len dropped" if dropped else ""))
-            if master and cfg.wandb_project:
-                wandb.log({"train/loss": total.item(), "lr": cfg.lr * lr_scale, "tokens_per_s": tps}, step=iter_num)
-            t0, tokens_seen = time.perf_counter(), 0
-    val_loss, acc = evaluate()
-    log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
-    if master:
-        save_checkpoint(raw, tok, img_cfg, optimizer, dict(iter_num=iter_num, best_val=min(best_val, val_loss),
-                        rng=torch.get_rng_state(), config=dataclasses.asdict(cfg)), cfg.out_dir)
-    if ddp:
-        dist.destroy_process_group()
-    return raw
-
-
 class Collate:
     """A picklable collate for DataLoader workers: drops samples over max_len (the dataset gives None) and counts
     them; a micro-batch with nothing left becomes None."""
@@ -448,6 +293,200 @@ class Collate:
         batch = data.collate(kept, self.pad_id, self.image_token_id, self.merge)
         batch["dropped"] = len(samples) - len(kept)
         return batch
+
+
+def loader(schedule, start, stop, collate, num_workers):
+    """An iterator over this rank's collated micro-batches of steps [start, stop)."""
+    return iter(torch.utils.data.DataLoader(schedule.dataset, batch_sampler=StepBatches(schedule, start, stop),
+                                            collate_fn=collate, num_workers=num_workers))
+
+
+def mask_draw(batch, cfg, k):
+    """VPT §3.2 mask modeling: each sample with a control token is mask-modeled with probability mask_prob, drawn
+    from a generator seeded by the global micro-batch index, so it is the same under any world size and after
+    resume."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+    return torch.rand(batch["input_ids"].size(0), generator=g) < cfg.mask_prob
+
+
+def to_device(batch, device):
+    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+    return {k: tuple(map(move, v)) if isinstance(v, tuple) else move(v) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# processes, logging and evaluation
+
+
+def setup_ddp(cfg):
+    """-> (ddp, rank, world size, device). Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) this joins
+    the process group and takes GPU LOCAL_RANK; otherwise it is the one process, on cfg.device."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = cfg.device
+    if ddp and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not device.startswith("cuda"):  # leave cores to the other processes and DataLoader workers: CPU threads that
+        # wait on each other run many times slower than one thread alone
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world - cfg.num_workers))
+    return ddp, rank, world, device
+
+
+def log(*args):
+    """print, on the first process only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args)
+
+
+def gpu_stats(model, tokens_per_s, world):
+    """The log line's GPU part: model flops utilisation and this process's peak memory."""
+    # forward + backward of the LLM: 6 flops per parameter and token (nanoGPT's estimate without the attention term;
+    # the vision encoders run on few rows and mostly frozen)
+    flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if n.startswith("model."))
+    peak = 989e12 * world  # H100 SXM dense bf16
+    return (f", MFU {flops_per_token * tokens_per_s / peak * 100:.1f}%, "
+            f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def backward(loss, groups, iter_num, cfg):
+    """Backward of one micro-batch's loss / grad_accum. A loss that touched nothing trained (say, an alignment
+    micro-batch without a re-encoded image) gets a zero gradient through the trained parameters, which keeps every
+    rank's backward, and DDP, in step; a non-finite loss stops the run before it can reach a checkpoint."""
+    if not loss.requires_grad:
+        loss = loss + sum(p.sum() for g in groups for p in g["params"]) * 0.0
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {loss.item()} at step {iter_num}; stopping. The last good checkpoint "
+                           f"in {cfg.out_dir} is untouched.")
+    (loss / cfg.grad_accum).backward()
+
+
+@torch.no_grad()
+def evaluate(model, batches, perception, ctx, device):
+    """(validation loss, teacher-forced accuracy on the perception-token targets), averaged over all processes.
+    perception: the ids whose targets the accuracy counts (the authors' class-wise accuracy over the new tokens,
+    ClassWiseComputeAccuracy in LLaMA-Factory's train/sft/metric.py), None for a plain Qwen2-VL."""
+    model.eval()
+    losses, hits, n = [], 0, 0
+    for batch in batches:
+        if batch is None:
+            continue
+        batch = to_device(batch, device)
+        with ctx:
+            logits, loss = model(batch, batch["targets"])
+        losses.append(loss.item())
+        if perception is not None:
+            tgt = batch["targets"][batch["targets"] != data.IGNORE_INDEX]
+            sel = torch.isin(tgt, perception.to(tgt.device))
+            hits += (logits[sel].argmax(-1) == tgt[sel]).sum().item()
+            n += int(sel.sum())
+    model.train()
+    stats = torch.tensor([sum(losses), len(losses), hits, n], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    return (stats[0] / max(stats[1], 1)).item(), (stats[2] / stats[3]).item() if stats[3] else float("nan")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(cfg):
+    # --- setup: one process, or one of several under torchrun
+    ddp, rank, world, device = setup_ddp(cfg)
+    master = rank == 0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    autocast = device.startswith("cuda") and cfg.dtype != "float32"
+    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if autocast else nullcontext()
+
+    # --- model and optimizer (on resume build() loads the model from out_dir, load_train_state the rest)
+    model, tok, img_cfg = build(cfg)
+    model.to(device)
+    model.model.checkpointing = cfg.checkpointing
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
+    iter_num, best_val = 0, float("inf")
+    if cfg.init_from == "resume":
+        iter_num, best_val = load_train_state(optimizer, cfg, device)
+    if cfg.compile:
+        for layer in model.model.layers:
+            layer.compile()  # in place: parameter names (and checkpoints) stay as they are
+    raw = model  # evaluated and saved as it is, never through the DDP wrapper
+    if ddp:
+        # the projector (and in stage "all" the vision encoders) receive no gradient in a micro-batch without a
+        # re-encoding sample (or without images), which mixed VPT data produces: DDP must look for unused parameters
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                    find_unused_parameters=cfg.stage != "align")
+
+    # --- data: one step-indexed schedule per split
+    tokens = getattr(raw, "tokens", None)  # the perception tokens; a plain Qwen2-VL has none
+    train_schedule = Schedule(dataset(cfg.train_data, tok, img_cfg, tokens, cfg), cfg, rank, world)
+    val_cfg = dataclasses.replace(cfg, grad_accum=1)  # validation: eval_iters micro-batches per process
+    val_schedule = Schedule(dataset(cfg.val_data, tok, img_cfg, tokens, cfg), val_cfg, rank, world)
+    collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
+    train_batches = loader(train_schedule, iter_num, cfg.max_iters, collate, cfg.num_workers)
+    perception = torch.tensor(sorted(tokens.perception())) if tokens else None
+
+    # --- the loop: evaluate and save every eval_interval steps and at the end; in between, optimizer steps
+    if cfg.wandb_project and master:
+        import wandb
+        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    model.train()
+    dropped, t0, tokens_seen = 0, time.perf_counter(), 0
+    while True:
+        done = iter_num >= cfg.max_iters
+        if done or (cfg.eval_interval and iter_num % cfg.eval_interval == 0 and iter_num > 0):
+            val_batches = loader(val_schedule, 0, cfg.eval_iters, collate, cfg.num_workers)
+            val_loss, acc = evaluate(raw, val_batches, perception, ctx, device)
+            log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
+            best_val = min(best_val, val_loss)
+            if master and cfg.wandb_project:
+                wandb.log({"val/loss": val_loss, "val/perception_acc": acc}, step=iter_num)
+            if master:
+                save_checkpoint(raw, tok, img_cfg, optimizer, iter_num, best_val, cfg)
+        if done:
+            break
+        lr_scale = get_lr(iter_num, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        total = torch.zeros((), device=device)
+        for micro, k in enumerate(train_schedule.step(iter_num)):
+            batch = next(train_batches)
+            # gradients are all-reduced on the last micro-step only
+            sync = model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                if batch is None:  # every sample of the micro-batch was over max_len
+                    dropped += cfg.batch_size
+                    loss = torch.zeros((), device=device)
+                else:
+                    dropped += batch.pop("dropped")
+                    batch["mask_modeling"] = mask_draw(batch, cfg, k)
+                    batch = to_device(batch, device)
+                    tokens_seen += int(batch["padding_mask"].sum())
+                    with ctx:
+                        _, loss = model(batch, batch["targets"])
+                backward(loss, groups, iter_num, cfg)
+            total += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            if ddp:
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            tps = tokens_seen * world / (time.perf_counter() - t0)
+            line = f"step {iter_num}: loss {total.item():.4f}, lr {cfg.lr * lr_scale:.2e}, {tps:,.0f} tokens/s"
+            line += gpu_stats(raw, tps, world) if device.startswith("cuda") else ""
+            log(line + (f", {dropped} samples over max_len dropped" if dropped else ""))
+            if master and cfg.wandb_project:
+                wandb.log({"train/loss": total.item(), "lr": cfg.lr * lr_scale, "tokens_per_s": tps}, step=iter_num)
+            t0, tokens_seen = time.perf_counter(), 0
+    if ddp:
+        dist.destroy_process_group()
+    return raw
 
 
 if __name__ == "__main__":

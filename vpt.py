@@ -1,8 +1,12 @@
 """
-What the VPT paper (arXiv 2502.17425) adds to Qwen2-VL: the perception-token vocabulary, regions <-> boxes on a k x k
-grid, the control projector, the VPT model (a training forward with one LLM pass, mask modeling as an attention mask),
-the multi-round sampler (one KV cache for the whole answer) and the authors' checkpoint layout.
-Facts about the authors' code: ../shared/reference/vpt.md (section numbers below refer to it).
+Everything the VPT paper (Yu, Ma, Wang, arXiv 2502.17425) adds to Qwen2-VL: the perception-token vocabulary, regions
+<-> boxes on a k x k grid, the control projector, the VPT model (a training forward with one LLM pass, mask modeling
+as an attention mask), the multi-round sampler (one KV cache for the whole answer), and loading and saving
+checkpoints in the authors' layout.
+Citations: "VPT §n" is a section of the paper. A file or function name is the authors' code,
+github.com/yu-rp/VisualPerceptionToken: their model is modeling_qwen2_vl_vpt.py (under
+transformers/src/transformers/models/qwen2_vl_vpt/), their harness evaluation/evaluation.py, their trainer a
+LLaMA-Factory fork (LLaMA-Factory/src/llamafactory/).
 
 Shape legend: B batch, T tokens, P prefix tokens (up to the control vector), Q suffix tokens, C LLM width,
 S re-encoded feature tokens of one image, Cf extra-encoder width, N images.
@@ -11,6 +15,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +30,7 @@ REGION_TRIGGER = "Identify the region that can help you answer the question, and
 REENCODE_TRIGGER = "Require additional perception features, and then answer the question"
 
 # -----------------------------------------------------------------------------
-# vocabulary (vpt.md 1.1)
+# vocabulary: the new_special_tokens and new_tokens of the authors' configs/Qwen2-VL-2b-VPT-*.yaml
 
 
 def token_strings(encoder="dino", k=8):
@@ -53,9 +58,9 @@ class Tokens:
     @classmethod
     def of(cls, tok, encoder="dino", k=8):
         pad, plain = token_strings(encoder, k)
-        ids = [tok.token_to_id(t) for t in plain]
-        return cls(tok.token_to_id(pad), ids[0], ids[1], tuple(ids[2:2 + k]), tuple(ids[2 + k:2 + 2 * k]), *ids[-3:],
-                   tok.im_start_id, tok.im_end_id)
+        ids = [tok.token_to_id(t) for t in plain]  # region start and end, k x cells, k y cells, the 3 action tokens
+        xs, ys = tuple(ids[2:2 + k]), tuple(ids[2 + k:2 + 2 * k])
+        return cls(tok.token_to_id(pad), ids[0], ids[1], xs, ys, *ids[-3:], tok.im_start_id, tok.im_end_id)
 
     def perception(self):
         """Every perception token id."""
@@ -65,7 +70,8 @@ class Tokens:
 
 def add_tokens(tok, encoder="dino", k=8):
     """Adds the 1 + 2k + 5 perception tokens (those not there yet) and returns their ids. With the real Qwen2
-    tokenizer they get 151657..151678, which are spare rows of the embedding (vpt.md 1.2)."""
+    tokenizer they get 151657..151678, which are spare rows of the embedding: the authors' model is never resized
+    (LLaMA-Factory's resize_embedding_layer only grows an embedding the tokenizer has outgrown)."""
     pad, plain = token_strings(encoder, k)
     tok.add_tokens([pad], special=True)  # special: skipped when decoding, like <|image_pad|>
     tok.add_tokens(plain)  # plain: they stay in decoded text, where the authors' harness parses them
@@ -73,7 +79,7 @@ def add_tokens(tok, encoder="dino", k=8):
 
 
 # -----------------------------------------------------------------------------
-# regions (vpt.md 3)
+# regions: <|region_token_start|> x y x y <|region_token_end|> on a k x k grid, read as the authors' harness reads them
 
 
 def box_to_cells(box, W, H, k=8):
@@ -86,7 +92,7 @@ def box_to_cells(box, W, H, k=8):
 
 def cells_to_box(xs, ys, W, H, k=8, margin=1):
     """Cells of one region group -> pixel crop box on the original W x H image: min/max cells widened by `margin`
-    cells, clipped to the grid (mirrors the authors' evaluation, EVAL:115-156)."""
+    cells, clipped to the grid (mirrors region_token_to_new_image_path in evaluation/evaluation.py)."""
     x0, x1 = max(min(xs) - margin, 0), min(max(xs) + margin, k - 1)
     y0, y1 = max(min(ys) - margin, 0), min(max(ys) + margin, k - 1)
     return int(x0 * W / k), int(y0 * H / k), int((x1 + 1) * W / k), int((y1 + 1) * H / k)
@@ -102,7 +108,8 @@ REGION_RE = re.compile(r"<\|region_token_start\|>((?:<\|[xy]_\d+\|>)+)<\|region_
 
 def parse_regions(text):
     """Every complete region group in decoded text -> list of (xs, ys); a group without both an x and a y cell is
-    malformed and skipped, an unterminated one never matches (the authors' regex, EVAL:43-59)."""
+    malformed and skipped, an unterminated one never matches (the regex of check_region_tokens in
+    evaluation/evaluation.py)."""
     groups = []
     for m in REGION_RE.finditer(text):
         cells = re.findall(r"<\|([xy])_(\d+)\|>", m.group(1))
@@ -114,7 +121,7 @@ def parse_regions(text):
 
 
 # -----------------------------------------------------------------------------
-# the control projector (vpt.md 2.4)
+# the control projector: the authors' MinimalProjector (DINOv2) and MinimalCLIPProjector (clip)
 
 
 class ControlProjector(nn.Module):
@@ -135,7 +142,7 @@ class ControlProjector(nn.Module):
 
     def reset_parameters(self):
         if hasattr(self, "linear_feature"):
-            nn.init.xavier_uniform_(self.linear_feature.weight)  # the authors' init (MODEL:65-86)
+            nn.init.xavier_uniform_(self.linear_feature.weight)  # the authors' init (Projector.reset_parameters)
             nn.init.zeros_(self.linear_feature.bias)
         # near a no-op: |c| ~ 0.1, so the gate moves f' by about 1 %. An exact no-op (c = 0) would never learn: the
         # gate is quadratic in c, so its gradient vanishes there. (The authors' xavier init gives |c| ~ sqrt(C).)
@@ -162,167 +169,14 @@ class ControlProjector(nn.Module):
 class VPTConfig:
     encoder: str = "dino"  # "dino": DINOv2 re-encodes the image; "clip": Qwen's own ViT does
     grid: int = 8  # k: region cells per side
-    region_margin: int = 1  # cells added around a selected region before cropping (the authors' evaluation)
-    image_resolution: int = 512  # long side limit of every image fed to the model, NEAREST (vpt.md 2.3)
+    region_margin: int = 1  # cells added around a selected region before cropping (1 in the authors' harness)
+    image_resolution: int = 512  # long side of every image fed to the model, NEAREST (the authors' _preprocess_image)
     dino: DinoConfig = field(default_factory=DinoConfig)
 
     def __post_init__(self):
         if isinstance(self.dino, dict):
             self.dino = DinoConfig(**self.dino)
         assert self.encoder in PREFIX, f"encoder must be one of {list(PREFIX)}, not {self.encoder!r}"
-
-
-class VPT(M.Qwen2VL):
-    """Qwen2-VL + an extra encoder and its control projector. Parameter names are the authors': detection_model.*,
-    detection_projector.* (DINOv2) or clip_projector.* (clip)."""
-
-    def __init__(self, cfg, vcfg, tokens):
-        super().__init__(cfg)
-        self.vcfg, self.tokens = vcfg, tokens
-        if vcfg.encoder == "dino":
-            self.detection_model = Dinov2Model(vcfg.dino)
-        setattr(self, f"{PREFIX[vcfg.encoder]}_projector", self.projector_for(vcfg, cfg))
-        self.apply(M.init_weights)
-        self.projector.reset_parameters()
-
-    @staticmethod
-    def projector_for(vcfg, cfg):
-        return ControlProjector(vcfg.dino.hidden_size if vcfg.encoder == "dino" else None, cfg.hidden_size)
-
-    @property
-    def projector(self):
-        return self.detection_projector if self.vcfg.encoder == "dino" else self.clip_projector
-
-    def extra_features(self, extra):
-        """The re-encoded images -> ((N*S, Cf) feature rows, (N,) rows per image). extra: DINOv2 pixels (N, 3, 224,
-        224), or for clip a (pixel_values, image_grid_thw) pair run through Qwen's own ViT."""
-        if self.vcfg.encoder == "dino":
-            f = self.detection_model.patch_features(extra)  # (N, S, Cf)
-            return f.flatten(0, 1), torch.full((f.size(0),), f.size(1), device=f.device)
-        pixel_values, grid = extra
-        return self.visual(pixel_values, grid), grid.prod(-1) // self.cfg.vision.spatial_merge_size ** 2
-
-    def first_user_turn(self, input_ids):
-        """(B, T) bool: the tokens strictly between the 2nd <|im_start|> and the 2nd <|im_end|>, i.e. the first user
-        turn's role text, image and question (the span the authors' mask_para_* zeroes, vpt.md 4.1)."""
-        starts = (input_ids == self.tokens.im_start).cumsum(1)
-        ends = (input_ids == self.tokens.im_end).cumsum(1)
-        return (starts == 2) & (ends == 1) & (input_ids != self.tokens.im_start)
-
-    def forward(self, batch, targets=None):
-        """Training forward over a collated batch (data.collate) -> (logits, loss). One LLM pass in two pieces."""
-        h, control, cache, plan = self.prefix(batch)
-        hidden = self.suffix(batch, plan, control, cache, h)
-        return self.head(hidden, targets)
-
-    def embed_batch(self, batch, plan):
-        """Token embeddings with the images, and the re-encoded features unconditioned: right for samples without a
-        control token; the others get theirs conditioned once the control vector exists. Returns (x, features,
-        owner) with owner the control-vector index of each feature row (-1: none)."""
-        ids = batch["input_ids"]
-        x = self.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (B, T, C)
-        if batch.get("extra") is None:
-            return x, None, None
-        f, counts = self.extra_features(batch["extra"])
-        slots = ids == self.tokens.pad
-        if int(slots.sum()) != f.size(0):
-            raise ValueError(f"{int(slots.sum())} {PREFIX[self.vcfg.encoder]} pad slots but {f.size(0)} features")
-        ctl = torch.full_like(plan["act"], -1)  # (B,) control-vector index of each row
-        ctl[plan["has_act"]] = torch.arange(int(plan["has_act"].sum()), device=ids.device)
-        owner = ctl[batch["extra_rows"]].repeat_interleave(counts)  # (N*S,)
-        return x.masked_scatter(slots[..., None], self.projector(f).to(x.dtype)), f, owner
-
-    def condition(self, x, batch, control, f, owner):
-        """The control vector becomes the <|*_action|> input embedding and conditions the re-encoded features that
-        fill the <|*_image_pad|> slots (vpt.md 2.5 pass 2)."""
-        x = x.clone()
-        rows = (batch["input_ids"] == self.tokens.act).nonzero()  # (K, 2): one control token per row, in row order
-        x[rows[:, 0], rows[:, 1]] = control.to(x.dtype)
-        if f is not None:
-            slots = batch["input_ids"] == self.tokens.pad
-            x = x.masked_scatter(slots[..., None], self.projector(f, control, owner).to(x.dtype))
-        return x
-
-    def plan(self, batch):
-        """Where each row splits: the control vector is the final hidden state at <|*_action_start|> (vpt.md 2.5),
-        which depends only on the tokens up to it. So the prefix [0, act) runs once, and the suffix from `split`
-        on continues from its keys and values, with the control vector as the <|*_action|> embedding. Mask-modeled
-        rows start their suffix at the end of the first user turn instead, recomputing the few header tokens in
-        between without sight of that turn."""
-        ids = batch["input_ids"]
-        B, T = ids.shape
-        is_act = ids == self.tokens.act
-        if int(is_act.sum(1).max()) > 1:
-            raise ValueError("a sample has more than one control token; the projector pairs one per image")
-        has_act = is_act.any(1)
-        act = torch.where(has_act, is_act.float().argmax(1), torch.full_like(has_act, T, dtype=torch.long))
-        P = int(act[has_act].max()) if has_act.any() else T
-        # VPT section 3.2 mask modeling, as the paper describes it: an attention mask, drawn per sample. (The authors
-        # zero the span's input embeddings instead, with one coin flip for a whole micro-batch, vpt.md 4.2.)
-        masked = batch.get("mask_modeling", torch.zeros_like(has_act)) & has_act
-        span = self.first_user_turn(ids) & masked[:, None]  # (B, T) keys the suffix may not see
-        turn_end = torch.where(span.any(1), T - span.flip(1).float().argmax(1), act)  # first index after the span
-        split = torch.where(masked, turn_end, torch.where(has_act, act, torch.full_like(act, P).clamp(max=T)))
-        return dict(act=act, has_act=has_act, P=P, split=split, span=span)
-
-    def prefix(self, batch):
-        pad, pos = batch["padding_mask"], batch["position_ids"]
-        plan = self.plan(batch)
-        P = plan["P"]
-        x, f, owner = self.embed_batch(batch, plan)
-        cache = GradCache()
-        # the prefix is the same window [0, P) for every row: a row's keys past its own split are hidden from its
-        # suffix, and rows without a control token continue from P
-        h_prefix = self.model(x[:, :P], pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
-        rows = plan["has_act"].nonzero().squeeze(1)
-        control = h_prefix[rows, plan["act"][rows] - 1]  # (K, C): the hidden state at <|*_action_start|>
-        return (x, h_prefix, f, owner), control, cache, plan
-
-    def suffix(self, batch, plan, control, cache, state):
-        """Runs tokens [split, T) of each row on top of the prefix cache and returns all (B, T, C) hidden states."""
-        (x, h_prefix, f, owner), pad, pos = state, batch["padding_mask"], batch["position_ids"]
-        B, T, C = x.shape
-        P, split = plan["P"], plan["split"]
-        if int(split.min()) >= T:  # no row continues past the prefix (no control tokens at all)
-            return h_prefix
-        x = self.condition(x, batch, control, f, owner)
-        # gather each row's suffix into a (B, Q) window
-        Q = int((T - split).max())
-        j = torch.arange(Q, device=x.device)[None]  # (1, Q)
-        src = (split[:, None] + j).clamp(max=T - 1)  # (B, Q) source index of each suffix slot
-        valid = (split[:, None] + j < T) & pad.gather(1, src).bool()  # (B, Q)
-        xs = x.gather(1, src[..., None].expand(B, Q, C))  # (B, Q, C)
-        ps = pos.gather(2, src[None].expand(3, B, Q))  # (3, B, Q)
-        # keys: the prefix window (P) then the suffix window (Q). A suffix query sees prefix keys before its row's
-        # split, except the first user turn of a mask-modeled row, and suffix keys causally
-        kp = torch.arange(P, device=x.device)[None]  # (1, P)
-        see_prefix = (kp < split[:, None]) & pad[:, :P].bool() & ~plan["span"][:, :P]  # (B, P)
-        causal = j.T >= j  # (Q, Q) query >= key
-        see_suffix = causal[None] & valid[:, None, :]  # (B, Q, Q)
-        mask = torch.cat([see_prefix[:, None].expand(B, Q, P), see_suffix], dim=2)  # (B, Q, P+Q)
-        mask = mask | (torch.arange(P + Q, device=x.device)[None] == P + j.T)[None]  # a query always sees itself
-        h_suffix = self.model(xs, ps, mask[:, None], cache)  # (B, Q, C)
-        # back to the (B, T) layout: position t comes from the prefix if t < split, else from suffix slot t - split
-        t = torch.arange(T, device=x.device)[None]  # (1, T)
-        idx = torch.where(t < split[:, None], t.clamp(max=P - 1), P + (t - split[:, None]).clamp(min=0, max=Q - 1))
-        both = torch.cat([h_prefix, h_suffix], dim=1)  # (B, P+Q, C)
-        return both.gather(1, idx[..., None].expand(B, T, C))
-
-    def forward_two_pass(self, batch, targets=None):
-        """The slow path the one-pass forward must equal: pass 1 over the whole sequence gives the control vector,
-        pass 2 over the whole sequence uses it (the authors' num_inner_forward_run=2), with mask modeling as a full
-        (B, 1, T, T) attention mask."""
-        ids, pad, pos = batch["input_ids"], batch["padding_mask"], batch["position_ids"]
-        T = ids.size(1)
-        plan = self.plan(batch)
-        x, f, owner = self.embed_batch(batch, plan)
-        h1 = self.model(x, pos, M.causal_mask(pad, T))
-        rows = plan["has_act"].nonzero().squeeze(1)
-        x = self.condition(x, batch, h1[rows, plan["act"][rows] - 1], f, owner)
-        mask = M.causal_mask(pad, T)  # (B, 1, T, T)
-        after = torch.arange(T, device=ids.device)[None] >= plan["split"][:, None]  # (B, T) queries past the split
-        barred = after[:, :, None] & plan["span"][:, None, :]  # (B, T, T)
-        return self.head(self.model(x, pos, mask & ~barred[:, None]), targets)
 
 
 class GradCache:
@@ -342,8 +196,192 @@ class GradCache:
         self.pos += T
 
 
+class Plan(NamedTuple):
+    """Where each row of a batch splits for the one-pass training forward (VPT.plan)."""
+    act: torch.Tensor  # (B,) index of the row's <|*_action|>, T for a row without one
+    has_act: torch.Tensor  # (B,) bool: the row has a control token
+    P: int  # the prefix window [0, P) that every row runs first
+    split: torch.Tensor  # (B,) where the row's suffix starts
+    span: torch.Tensor  # (B, T) bool: keys the row's suffix may not see (its mask-modeled first user turn)
+
+
+class Prefix(NamedTuple):
+    """The prefix piece of the one-pass forward, which the suffix continues (VPT.prefix)."""
+    plan: Plan
+    x: torch.Tensor  # (B, T, C) input embeddings, re-encoded features not yet conditioned
+    f: torch.Tensor  # (N*S, Cf) re-encoded feature rows, None without re-encoded images
+    owner: torch.Tensor  # (N*S,) control-vector index of each feature row, -1: none
+    h: torch.Tensor  # (B, P, C) hidden states of the prefix window
+    cache: GradCache  # its keys and values
+    control: torch.Tensor  # (K, C) the hidden state at each <|*_action_start|>, in row order
+
+
+class VPT(M.Qwen2VL):
+    """Qwen2-VL + an extra encoder and its control projector. Parameter names are the authors': detection_model.*,
+    detection_projector.* (DINOv2) or clip_projector.* (clip)."""
+
+    def __init__(self, cfg, vcfg, tokens):
+        super().__init__(cfg)  # initialises the Qwen2-VL weights; the projector initialises its own
+        self.vcfg, self.tokens = vcfg, tokens
+        if vcfg.encoder == "dino":
+            self.detection_model = Dinov2Model(vcfg.dino)
+            self.detection_model.apply(M.init_weights)
+            self.detection_projector = ControlProjector(vcfg.dino.hidden_size, cfg.hidden_size)
+        else:  # Qwen's own ViT re-encodes: its features already have the LLM's width
+            self.clip_projector = ControlProjector(None, cfg.hidden_size)
+
+    @property
+    def projector(self):
+        """The one projector, whichever its checkpoint name."""
+        return self.detection_projector if self.vcfg.encoder == "dino" else self.clip_projector
+
+    def hub_config(self):
+        """config.json: the flat Qwen2-VL config, the fields the authors' VPT_Qwen2VLConfig writes, ours under "vpt"."""
+        p, T = PREFIX[self.vcfg.encoder], self.tokens
+        return {**super().hub_config(), "model_type": "qwen2_vl_vpt",
+                "architectures": ["VPT_Qwen2VLForConditionalGeneration"], "vision_encoder_ls": [self.vcfg.encoder],
+                f"{p}_image_token_id": T.pad, f"{p}_action_id": T.act, f"{p}_action_start_id": T.act_start,
+                "vpt": asdict(self.vcfg)}
+
+    def extra_features(self, extra):
+        """The re-encoded images -> ((N*S, Cf) feature rows, (N,) rows per image). extra: DINOv2 pixels (N, 3, 224,
+        224), or for clip a (pixel_values, image_grid_thw) pair run through Qwen's own ViT."""
+        if self.vcfg.encoder == "dino":
+            f = self.detection_model.patch_features(extra)  # (N, S, Cf)
+            return f.flatten(0, 1), torch.full((f.size(0),), f.size(1), device=f.device)
+        pixel_values, grid = extra
+        return self.visual(pixel_values, grid), grid.prod(-1) // self.cfg.vision.spatial_merge_size ** 2
+
+    def first_user_turn(self, input_ids):
+        """(B, T) bool: the tokens strictly between the 2nd <|im_start|> and the 2nd <|im_end|>, i.e. the first user
+        turn's role text, image and question (the span the authors' mask_para_detection zeroes)."""
+        starts = (input_ids == self.tokens.im_start).cumsum(1)
+        ends = (input_ids == self.tokens.im_end).cumsum(1)
+        return (starts == 2) & (ends == 1) & (input_ids != self.tokens.im_start)
+
+    def forward(self, batch, targets=None):
+        """Training forward over a collated batch (data.collate) -> (logits, loss). One LLM pass in two pieces."""
+        return self.head(self.suffix(batch, self.prefix(batch)), targets)
+
+    def embed_batch(self, batch, plan):
+        """Token embeddings with the images, and the re-encoded features unconditioned: right for samples without a
+        control token; the others get theirs conditioned once the control vector exists. Returns (x, features,
+        owner) with owner the control-vector index of each feature row (-1: none)."""
+        ids = batch["input_ids"]
+        x = self.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"))  # (B, T, C)
+        if batch.get("extra") is None:
+            return x, None, None
+        f, counts = self.extra_features(batch["extra"])
+        slots = ids == self.tokens.pad
+        if int(slots.sum()) != f.size(0):
+            raise ValueError(f"{int(slots.sum())} {PREFIX[self.vcfg.encoder]} pad slots but {f.size(0)} features")
+        ctl = torch.full_like(plan.act, -1)  # (B,) control-vector index of each row
+        ctl[plan.has_act] = torch.arange(int(plan.has_act.sum()), device=ids.device)
+        owner = ctl[batch["extra_rows"]].repeat_interleave(counts)  # (N*S,)
+        return x.masked_scatter(slots[..., None], self.projector(f).to(x.dtype)), f, owner
+
+    def condition(self, x, batch, control, f, owner):
+        """The control vector becomes the <|*_action|> input embedding and conditions the re-encoded features that
+        fill the <|*_image_pad|> slots (the second inner pass of the authors' forward)."""
+        x = x.clone()
+        rows = (batch["input_ids"] == self.tokens.act).nonzero()  # (K, 2): one control token per row, in row order
+        x[rows[:, 0], rows[:, 1]] = control.to(x.dtype)
+        if f is not None:
+            slots = batch["input_ids"] == self.tokens.pad
+            x = x.masked_scatter(slots[..., None], self.projector(f, control, owner).to(x.dtype))
+        return x
+
+    def plan(self, batch):
+        """Where each row splits: the control vector is the final hidden state at <|*_action_start|>, one position
+        before <|*_action|> (where the authors' forward takes it), which depends only on the tokens up to it. So the
+        prefix [0, act) runs once, and the suffix from `split` on continues from its keys and values, with the
+        control vector as the <|*_action|> embedding. Mask-modeled rows start their suffix at the end of the first
+        user turn instead, recomputing the few header tokens in between without sight of that turn."""
+        ids = batch["input_ids"]
+        B, T = ids.shape
+        is_act = ids == self.tokens.act
+        if int(is_act.sum(1).max()) > 1:
+            raise ValueError("a sample has more than one control token; the projector pairs one per image")
+        has_act = is_act.any(1)
+        act = torch.where(has_act, is_act.float().argmax(1), T)  # (B,)
+        P = int(act[has_act].max()) if has_act.any() else T
+        # VPT §3.2 mask modeling, as the paper describes it: an attention mask, drawn per sample. (The authors'
+        # forward zeroes the span's input embeddings instead, with one coin flip for a whole micro-batch.)
+        masked = batch.get("mask_modeling", torch.zeros_like(has_act)) & has_act
+        span = self.first_user_turn(ids) & masked[:, None]  # (B, T) keys the suffix may not see
+        turn_end = torch.where(span.any(1), T - span.flip(1).float().argmax(1), act)  # first index after the span
+        # a row's suffix starts at its control token, a mask-modeled row's at the end of its first user turn, and a
+        # row without a control token continues from P
+        split = torch.where(has_act, act, P)  # (B,)
+        split = torch.where(masked, turn_end, split)
+        return Plan(act, has_act, P, split, span)
+
+    def prefix(self, batch):
+        """The first piece of the one pass: every row's tokens [0, P), which give the control vectors."""
+        pad, pos = batch["padding_mask"], batch["position_ids"]
+        plan = self.plan(batch)
+        P = plan.P
+        x, f, owner = self.embed_batch(batch, plan)
+        cache = GradCache()
+        # the prefix is the same window [0, P) for every row: a row's keys past its own split are hidden from its
+        # suffix, and rows without a control token continue from P
+        h = self.model(x[:, :P], pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
+        rows = plan.has_act.nonzero().squeeze(1)
+        control = h[rows, plan.act[rows] - 1]  # (K, C): the hidden state at <|*_action_start|>
+        return Prefix(plan, x, f, owner, h, cache, control)
+
+    def suffix(self, batch, pre):
+        """Runs tokens [split, T) of each row on top of the prefix cache and returns all (B, T, C) hidden states."""
+        pad, pos = batch["padding_mask"], batch["position_ids"]
+        B, T, C = pre.x.shape
+        P, split = pre.plan.P, pre.plan.split
+        if int(split.min()) >= T:  # no row continues past the prefix (no control tokens at all)
+            return pre.h
+        x = self.condition(pre.x, batch, pre.control, pre.f, pre.owner)
+        # gather each row's suffix into a (B, Q) window
+        Q = int((T - split).max())
+        j = torch.arange(Q, device=x.device)[None]  # (1, Q)
+        src = (split[:, None] + j).clamp(max=T - 1)  # (B, Q) source index of each suffix slot
+        valid = (split[:, None] + j < T) & pad.gather(1, src).bool()  # (B, Q)
+        xs = x.gather(1, src[..., None].expand(B, Q, C))  # (B, Q, C)
+        ps = pos.gather(2, src[None].expand(3, B, Q))  # (3, B, Q)
+        # keys: the prefix window (P) then the suffix window (Q). A suffix query sees prefix keys before its row's
+        # split, except the first user turn of a mask-modeled row, and suffix keys causally
+        kp = torch.arange(P, device=x.device)[None]  # (1, P)
+        see_prefix = (kp < split[:, None]) & pad[:, :P].bool() & ~pre.plan.span[:, :P]  # (B, P)
+        causal = j.T >= j  # (Q, Q) query >= key
+        see_suffix = causal[None] & valid[:, None, :]  # (B, Q, Q)
+        mask = torch.cat([see_prefix[:, None].expand(B, Q, P), see_suffix], dim=2)  # (B, Q, P+Q)
+        mask = mask | (torch.arange(P + Q, device=x.device)[None] == P + j.T)[None]  # a query always sees itself
+        h_suffix = self.model(xs, ps, mask[:, None], pre.cache)  # (B, Q, C)
+        # back to the (B, T) layout: position t comes from the prefix if t < split, else from suffix slot t - split
+        t = torch.arange(T, device=x.device)[None]  # (1, T)
+        from_prefix = t.clamp(max=P - 1)  # (1, T)
+        from_suffix = P + (t - split[:, None]).clamp(min=0, max=Q - 1)  # (B, T)
+        idx = torch.where(t < split[:, None], from_prefix, from_suffix)  # (B, T) rows of the concatenation below
+        both = torch.cat([pre.h, h_suffix], dim=1)  # (B, P+Q, C)
+        return both.gather(1, idx[..., None].expand(B, T, C))
+
+    def forward_two_pass(self, batch, targets=None):
+        """The slow path the one-pass forward must equal: pass 1 over the whole sequence gives the control vector,
+        pass 2 over the whole sequence uses it (the authors' num_inner_forward_run=2), with mask modeling as a full
+        (B, 1, T, T) attention mask."""
+        ids, pad, pos = batch["input_ids"], batch["padding_mask"], batch["position_ids"]
+        T = ids.size(1)
+        plan = self.plan(batch)
+        x, f, owner = self.embed_batch(batch, plan)
+        h1 = self.model(x, pos, M.causal_mask(pad, T))
+        rows = plan.has_act.nonzero().squeeze(1)
+        x = self.condition(x, batch, h1[rows, plan.act[rows] - 1], f, owner)
+        mask = M.causal_mask(pad, T)  # (B, 1, T, T)
+        after = torch.arange(T, device=ids.device)[None] >= plan.split[:, None]  # (B, T) queries past the split
+        barred = after[:, :, None] & plan.span[:, None, :]  # (B, T, T)
+        return self.head(self.model(x, pos, mask & ~barred[:, None]), targets)
+
+
 # -----------------------------------------------------------------------------
-# the multi-round sampler (vpt.md 6, done with one KV cache instead of the authors' second from-scratch prompt)
+# the multi-round sampler: one KV cache for the whole answer, where the authors' evaluation/evaluation.py prompts
+# the model a second time from scratch with the perception round appended
 
 MODES = ("off", "free", "region", "reencode")
 
@@ -372,7 +410,7 @@ class Sampler:
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         self.max_new_tokens = max_new_tokens
         self.T = model.tokens
-        self.stop = {tok.im_end_id, tok.endoftext_id}
+        self.stop = tok.stop_ids
 
     def prompt(self, question):
         trigger = {"region": REGION_TRIGGER, "reencode": REENCODE_TRIGGER}.get(self.mode)
@@ -382,7 +420,7 @@ class Sampler:
     def generate(self, image, question):
         """Yields every sampled token id; self.rounds records the perception rounds, self.ids the transcript."""
         m, vc, T = self.model, self.model.vcfg, self.T
-        self.original = data.load_image(image)  # crops come from the full-resolution original (vpt.md 3)
+        self.original = data.load_image(image)  # crops come from the full-resolution original (the authors' harness)
         view = data.limit_side(self.original, vc.image_resolution)
         pixel_values, grid = data.process_images([view], self.img_cfg)
         self.view_inputs = (pixel_values, grid)  # the clip variant re-encodes exactly these
@@ -424,6 +462,7 @@ class Sampler:
         T, allowed = self.T, None
         if state == "region":
             x0, y0 = (T.xs.index(group[0]), T.ys.index(group[1])) if len(group) >= 2 else (0, 0)
+            # the group so far decides the next token: x0, y0, then x1 >= x0, y1 >= y0, then the end
             allowed = [T.xs, T.ys, T.xs[x0:], T.ys[y0:], (T.region_end,)][len(group)]
             keep = torch.zeros_like(logits, dtype=torch.bool)
             keep[:, list(allowed)] = True
@@ -474,7 +513,8 @@ class Sampler:
 
     def reencode_round(self, view):
         """<|*_action_start|> -> its hidden state h is the control vector: fed as <|*_action|>, it also conditions
-        the projector over the re-encoded image, whose features fill the new user turn (vpt.md 2.5, 6.1)."""
+        the projector over the re-encoded image, whose features fill the new user turn (as in the authors' forward,
+        which sees that turn only when their harness prompts again)."""
         m, T = self.model, self.T
         self.feed([T.act_start])
         h = self.hidden  # (1, C) final-normed hidden state at <|*_action_start|>
@@ -495,7 +535,8 @@ class Sampler:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: the authors' layout in (vpt.md 10), ours out (safetensors + config.json + tokenizer.json)
+# checkpoints: the authors' layout in (pytorch_model*.bin and a flat config.json, as in their released
+# rp-yu/Qwen2-VL-2b-VPT-* models), ours out (safetensors + config.json + tokenizer.json), under the same parameter names
 
 WEIGHT_PATTERNS = M.HUB_PATTERNS + ["*.bin", "*.bin.index.json"]
 
@@ -519,18 +560,10 @@ def read_weights(path):
     return sd
 
 
-def config_dict(model):
-    """config.json: the flat Qwen2-VL config plus the fields the authors' class writes, plus ours under "vpt"."""
-    p, T = PREFIX[model.vcfg.encoder], model.tokens
-    return {**model.cfg.to_hf(), "model_type": "qwen2_vl_vpt", "architectures": ["VPT_Qwen2VLForConditionalGeneration"],
-            "vision_encoder_ls": [model.vcfg.encoder], f"{p}_image_token_id": T.pad, f"{p}_action_id": T.act,
-            f"{p}_action_start_id": T.act_start, "vpt": asdict(model.vcfg)}
-
-
 def save(model, tok, img_cfg, path):
     """A checkpoint that from_pretrained and sample.py load: model.safetensors, config.json, tokenizer.json (with
     the perception tokens), preprocessor_config.json. Each file is written under a temporary name and renamed."""
-    M.save_pretrained(model, path, config_dict(model))
+    M.save_pretrained(model, path, model.hub_config())
     tmp = os.path.join(path, "tokenizer.json.tmp")
     tok.save(tmp + ".json")
     os.replace(tmp + ".json", os.path.join(path, "tokenizer.json"))
@@ -549,7 +582,7 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     sd = {M._rename(k): v for k, v in read_weights(path).items()}
     if "vpt" in d:
         vcfg = VPTConfig(**d["vpt"])
-    else:  # the authors' config holds no DINOv2 config: it is read off the tensors (vpt.md 10)
+    else:  # the authors' config.json holds no DINOv2 config (their __init__ fetches it): read it off the tensors
         encoders = [e for e in d.get("vision_encoder_ls", []) if e in PREFIX]
         if len(encoders) != 1:
             raise ValueError(f"{path}/config.json: vision_encoder_ls {d.get('vision_encoder_ls')} must name one of "
@@ -563,12 +596,13 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
                      (f"{p}_action_start_id", tokens.act_start)):
         if d.get(key) is not None and d[key] != got:
             raise ValueError(f"{path}: config.json {key}={d[key]} but tokenizer.json gives {got}")
-    if vcfg.encoder == "clip":  # built by the authors' MinimalCLIPProjector, never used by its forward (MODEL:278-313)
-        for k in [k for k in sd if k.startswith(("clip_projector.layernorm_feature.", "clip_projector.linear_feature."))]:
+    if vcfg.encoder == "clip":  # built by the authors' MinimalCLIPProjector, never used by its forward
+        unused = ("clip_projector.layernorm_feature.", "clip_projector.linear_feature.")
+        for k in [k for k in sd if k.startswith(unused)]:
             del sd[k]
     if cfg.tie_word_embeddings and "lm_head.weight" in sd:
-        # the authors load with strict=False into a tied model: lm_head.weight is copied last into the one shared
-        # matrix, so it is what their model runs with
+        # the authors load with strict=False into a tied model (LLaMA-Factory's load_model_from_state_dicts):
+        # lm_head.weight is copied last into the one shared matrix, so it is what their model runs with
         sd["model.embed_tokens.weight"] = sd.pop("lm_head.weight")
     model = M.build_loaded(lambda: VPT(cfg, vcfg, tokens), sd, dtype, device)
     return model, tok, data.ImageConfig.from_dir(path)
@@ -587,7 +621,8 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
         grow = len(tok) - cfg.vocab_size
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
             if k in sd:  # new rows start at the mean embedding
-                sd[k] = torch.cat([sd[k], sd[k].float().mean(0, keepdim=True).expand(grow, -1).to(sd[k].dtype)])
+                mean = sd[k].float().mean(0, keepdim=True).to(sd[k].dtype)  # (1, C)
+                sd[k] = torch.cat([sd[k], mean.expand(grow, -1)])
         cfg = M.QwenConfig(**{**cfg.__dict__, "vocab_size": len(tok)})
     vcfg = VPTConfig(encoder=encoder, grid=grid)
     if encoder == "dino":
@@ -595,7 +630,7 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
         with open(os.path.join(dpath, "config.json")) as f:
             vcfg.dino = DinoConfig.from_hf(json.load(f))
         sd.update({"detection_model." + k: v for k, v in M.read_safetensors(dpath).items()})
-    fresh = VPT.projector_for(vcfg, cfg)
+    fresh = ControlProjector(vcfg.dino.hidden_size if encoder == "dino" else None, cfg.hidden_size)
     sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
     model = M.build_loaded(lambda: VPT(cfg, vcfg, tokens), sd, dtype, device)
     return model, tok, data.ImageConfig.from_dir(path)
