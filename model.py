@@ -631,11 +631,6 @@ def _load_bin(file):
     return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
 
-def read_safetensors(dirpath):
-    """read_weights under its former name, for vpt.py until it calls read_weights."""
-    return read_weights(dirpath)
-
-
 def load_state_dict_strict(model, sd, dtype, device):
     """Moves every checkpoint tensor into `model` (built on the meta device), in `dtype` on `device`.
     Raises, naming the keys, if any parameter is missing, any key is unexpected or any shape differs.

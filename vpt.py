@@ -541,25 +541,6 @@ class Sampler:
 WEIGHT_PATTERNS = M.HUB_PATTERNS + ["*.bin", "*.bin.index.json"]
 
 
-def read_weights(path):
-    """Safetensors (preferred) or the authors' pytorch_model*.bin, sharded or not. .bin files are read with
-    weights_only=True: a pickle from the Hub never runs code here."""
-    if any(f.endswith(".safetensors") for f in os.listdir(path)):
-        return M.read_safetensors(path)
-    index = os.path.join(path, "pytorch_model.bin.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
-    sd = {}
-    for name in files:
-        sd.update(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True, mmap=True))
-    return sd
-
-
 def save(model, tok, img_cfg, path):
     """A checkpoint that from_pretrained and sample.py load: model.safetensors, config.json, tokenizer.json (with
     the perception tokens), preprocessor_config.json. Each file is written under a temporary name and renamed."""
@@ -579,7 +560,7 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
         raise ValueError(f"{path}/config.json: model_type {d.get('model_type')!r} is not a VPT checkpoint "
                          f"(qwen2_vl_vpt); start one from a base model with vpt.from_base")
     cfg = M.QwenConfig.from_hf(d)
-    sd = {M._rename(k): v for k, v in read_weights(path).items()}
+    sd = M.read_weights(path, allow_bin=True)
     if "vpt" in d:
         vcfg = VPTConfig(**d["vpt"])
     else:  # the authors' config.json holds no DINOv2 config (their __init__ fetches it): read it off the tensors
@@ -614,7 +595,7 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
     path = M.resolve_dir(base)
     with open(os.path.join(path, "config.json")) as f:
         cfg = M.QwenConfig.from_hf(json.load(f))
-    sd = {M._rename(k): v for k, v in M.read_safetensors(path).items()}
+    sd = M.read_weights(path)
     tok = data.Tokenizer(path)
     tokens = add_tokens(tok, encoder, grid)
     if len(tok) > cfg.vocab_size:  # only tiny vocabularies: Qwen2-VL has spare rows for all 22 tokens
@@ -629,7 +610,7 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
         dpath = M.resolve_dir(dino)
         with open(os.path.join(dpath, "config.json")) as f:
             vcfg.dino = DinoConfig.from_hf(json.load(f))
-        sd.update({"detection_model." + k: v for k, v in M.read_safetensors(dpath).items()})
+        sd.update({"detection_model." + k: v for k, v in M.read_weights(dpath).items()})
     fresh = ControlProjector(vcfg.dino.hidden_size if encoder == "dino" else None, cfg.hidden_size)
     sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
     model = M.build_loaded(lambda: VPT(cfg, vcfg, tokens), sd, dtype, device)
