@@ -12,7 +12,6 @@ after resume and under any world size), evaluation and the loop. Citations as in
 """
 import ast
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -147,10 +146,8 @@ def build(cfg):
         vcfg = vpt.VPTConfig(encoder=cfg.encoder, grid=cfg.grid, region_margin=cfg.region_margin,
                              dino=encoders.DinoConfig(**encoders.DINO_PRESETS[cfg.dino_preset]))
         return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
-    path = M.resolve_dir(src, vpt.WEIGHT_PATTERNS)
-    with open(os.path.join(path, "config.json")) as f:
-        kind = json.load(f).get("model_type")
-    if kind == "qwen2_vl_vpt":
+    path, d = M.open_checkpoint(src, vpt.WEIGHT_PATTERNS)
+    if d.get("model_type") == "qwen2_vl_vpt":
         return vpt.from_pretrained(path)
     if cfg.use_vpt:
         model, tok, img_cfg = vpt.from_base(path, cfg.encoder, cfg.dino, cfg.grid)

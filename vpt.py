@@ -11,7 +11,6 @@ LLaMA-Factory fork (LLaMA-Factory/src/llamafactory/).
 Shape legend: B batch, T tokens, P prefix tokens (up to the control vector), Q suffix tokens, C LLM width,
 S re-encoded feature tokens of one image, Cf extra-encoder width, N images.
 """
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -553,9 +552,7 @@ def save(model, tok, img_cfg, path):
 
 def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     """A VPT checkpoint (the authors' released ones or ours) -> (model, tokenizer, image config)."""
-    path = M.resolve_dir(path_or_id, WEIGHT_PATTERNS)
-    with open(os.path.join(path, "config.json")) as f:
-        d = json.load(f)
+    path, d = M.open_checkpoint(path_or_id, WEIGHT_PATTERNS)
     if d.get("model_type") != "qwen2_vl_vpt":
         raise ValueError(f"{path}/config.json: model_type {d.get('model_type')!r} is not a VPT checkpoint "
                          f"(qwen2_vl_vpt); start one from a base model with vpt.from_base")
@@ -592,9 +589,8 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
 def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=torch.float32, device="cpu"):
     """A new VPT model from a base Qwen2-VL (Hub id or directory) and, for the dino variant, a facebook/dinov2-*
     checkpoint: the perception tokens are added to the tokenizer, and the projector starts fresh."""
-    path = M.resolve_dir(base)
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = M.QwenConfig.from_hf(json.load(f))
+    path, d = M.open_checkpoint(base)
+    cfg = M.QwenConfig.from_hf(d)
     sd = M.read_weights(path)
     tok = data.Tokenizer(path)
     tokens = add_tokens(tok, encoder, grid)
@@ -607,9 +603,8 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
         cfg = M.QwenConfig(**{**cfg.__dict__, "vocab_size": len(tok)})
     vcfg = VPTConfig(encoder=encoder, grid=grid)
     if encoder == "dino":
-        dpath = M.resolve_dir(dino)
-        with open(os.path.join(dpath, "config.json")) as f:
-            vcfg.dino = DinoConfig.from_hf(json.load(f))
+        dpath, dcfg = M.open_checkpoint(dino)
+        vcfg.dino = DinoConfig.from_hf(dcfg)
         sd.update({"detection_model." + k: v for k, v in M.read_weights(dpath).items()})
     fresh = ControlProjector(vcfg.dino.hidden_size if encoder == "dino" else None, cfg.hidden_size)
     sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
