@@ -11,7 +11,6 @@ LLaMA-Factory fork (LLaMA-Factory/src/llamafactory/).
 Shape legend: B batch, T tokens, P prefix tokens (up to the control vector), Q suffix tokens, C LLM width,
 S re-encoded feature tokens of one image, Cf extra-encoder width, N images.
 """
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
@@ -544,9 +543,7 @@ def save(model, tok, img_cfg, path):
     """A checkpoint that from_pretrained and sample.py load: model.safetensors, config.json, tokenizer.json (with
     the perception tokens), preprocessor_config.json. Each file is written under a temporary name and renamed."""
     M.save_pretrained(model, path, model.hub_config())
-    tmp = os.path.join(path, "tokenizer.json.tmp")
-    tok.save(tmp + ".json")
-    os.replace(tmp + ".json", os.path.join(path, "tokenizer.json"))
+    tok.save(path)
     img_cfg.save(path)
 
 
