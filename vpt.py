@@ -248,7 +248,7 @@ class VPT(M.Qwen2VL):
             f = self.detection_model.patch_features(extra)  # (N, S, Cf)
             return f.flatten(0, 1), torch.full((f.size(0),), f.size(1), device=f.device)
         pixel_values, grid = extra
-        return self.visual(pixel_values, grid), grid.prod(-1) // self.cfg.vision.spatial_merge_size ** 2
+        return self.visual(pixel_values, grid), M.image_token_counts(grid, self.cfg.vision.spatial_merge_size)
 
     def first_user_turn(self, input_ids):
         """(B, T) bool: the tokens strictly between the 2nd <|im_start|> and the 2nd <|im_end|>, i.e. the first user
@@ -427,7 +427,7 @@ class Sampler:
         dev = m.lm_head.weight.device
         # a round appends the clip view (the view's tokens), DINOv2's 256 tokens or a crop, whose long side is at
         # most image_resolution (one token per 28 px, plus a row and column of rounding), and the turn's text
-        n_view = int(grid.prod()) // self.img_cfg.merge_size ** 2
+        n_view = int(M.image_token_counts(grid, self.img_cfg.merge_size))
         unit = self.img_cfg.patch_size * self.img_cfg.merge_size
         n_crop = (vc.image_resolution // unit + 1) ** 2
         budget = len(ids) + self.max_new_tokens + self.max_rounds * (max(n_view, n_crop, data.DINO_TOKENS) + 32)
@@ -504,7 +504,7 @@ class Sampler:
         box = cells_to_box(xs, ys, W, H, vc.grid, vc.region_margin)
         crop = data.limit_side(self.original.crop(box), vc.image_resolution)
         pv, grid = data.process_images([crop], self.img_cfg)
-        n = int(grid.prod()) // self.img_cfg.merge_size ** 2
+        n = int(M.image_token_counts(grid, self.img_cfg.merge_size))
         turn = data.next_turn(self.tok, data.IMAGE_PLACEHOLDER, [n])
         self.feed([T.region_end] + turn, pv.to(self.logits.device), grid.to(self.logits.device))
         self.rounds.append(Round("region", (xs, ys), box))
