@@ -2,35 +2,152 @@
 nanoVPT tests: pytest, CPU, offline. transformers is the oracle: tiny random checkpoints are built in it, saved in
 the Hub file layout, loaded into ours, and the numbers must agree. Without transformers this file fails to import,
 which fails the suite (it must never be skipped).
+Sections follow the modules: the shared fixtures (tiny checkpoints, tokenizer, images) first, then model.py,
+encoders.py, data.py, vpt.py, vpt.py's sampler, train.py, sample.py and synth.py. A section uses its own fixtures
+and helpers and the shared ones, never another section's.
 """
+import dataclasses
 import json
 import os
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 import transformers  # the parity oracle: a hard requirement of the test suite
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tokenizers import models
 from tokenizers import Tokenizer as HFTokenizer
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import Dinov2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import Dinov2Model as HFDinov2Model
+from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+from transformers.utils.chat_template_utils import render_jinja_template
 
 import data
 import encoders
 import model as M
+import sample
 import synth
+import train
+import vpt
+from data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ImageConfig, Tokenizer, encode_chat, load_image,
+                  process_dino_image, process_image, process_images, render_chat, smart_resize)
 from encoders import DinoConfig
-from data import (IMAGENET_MEAN, IMAGENET_STD, process_dino_image)
-from data import (IGNORE_INDEX, ImageConfig, Tokenizer, encode_chat, load_image, process_image, process_images,
-                  render_chat, smart_resize)
+
 
 # -----------------------------------------------------------------------------
-# model.py: Qwen2-VL against transformers
+# shared fixtures and helpers: the tiny Qwen2-VL, tokenizer, DINOv2 and VPT checkpoints, and test images
 
 # ids of the tiny test vocabulary: the Qwen specials sit at the top of a 512-row embedding
 VOCAB, VS, VE, IMG = 512, 509, 510, 511
+
+
+def load_hf(path):
+    return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+
+
+CORPUS = ["You are a helpful assistant.", "Describe this image.", "The cat sits on the red mat, next to 3 dogs.",
+          "What is in the picture? A small boat on a lake.", "Where is the dog? It is in the top left corner.",
+          "How many people are there?\nThere are 12 people."]
+
+
+def make_tiny_tokenizer(dirpath):
+    """A ~400-token byte-level BPE with the Qwen2 pre-tokenizer and Qwen specials -> dirpath/tokenizer.json."""
+    data.train_tokenizer(CORPUS, 400, dirpath)
+    return str(dirpath / "tokenizer.json")
+
+
+def _rgb(h, w, seed=0):
+    """Smooth gradients plus noise, so resizing has real structure to get right."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([255 * yy / max(h - 1, 1), 255 * xx / max(w - 1, 1), 128 + 0 * xx], -1)
+    return np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory):
+    """A tiny checkpoint whose config ids match its tokenizer.json: what sample.py needs."""
+    d = tmp_path_factory.mktemp("chat")
+    tok = Tokenizer(make_tiny_tokenizer(d))
+    torch.manual_seed(2)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64), image_token_id=tok.image_pad_id,
+        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id, tie_word_embeddings=True)
+    hf = Qwen2VLForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.15)
+    hf.save_pretrained(d)
+    Image.fromarray(_rgb(90, 120, seed=3)).save(d / "cat.png")
+    return d
+
+
+# head size 64 like every facebook/dinov2-*, so that from_state_dict's heads = width // 64 holds
+TINY_DINO = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=518, patch_size=14)
+
+
+def _write_hf_dino(path, **overrides):
+    torch.manual_seed(0)
+    model = HFDinov2Model(Dinov2Config(**TINY_DINO, **overrides))
+    with torch.no_grad():  # a large std everywhere (lambdas, position table, cls, mask) so that every detail shows
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dino_dir(tmp_path_factory):
+    return _write_hf_dino(tmp_path_factory.mktemp("dino"))
+
+
+@pytest.fixture(scope="module")
+def vpt_dir(chat_dir, dino_dir, tmp_path_factory):
+    """A tiny VPT checkpoint started from the tiny Qwen2-VL and DINOv2 with vpt.from_base, plus records and images."""
+    model, tok, img_cfg = vpt.from_base(str(chat_dir), "dino", str(dino_dir))
+    torch.manual_seed(3)
+    with torch.no_grad():  # a larger std, so that every detail of the wiring shows in the numbers
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    d = tmp_path_factory.mktemp("vpt")
+    vpt.save(model, tok, ImageConfig(max_pixels=112 * 112), d)
+    Image.fromarray(_rgb(200, 260, seed=5)).save(d / "a.png")
+    act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
+    records = [
+        {"messages": [{"role": "user", "content": "<image>\nWhat is in the picture?"},
+                      {"role": "assistant", "content": act}, {"role": "user", "content": "<detection_image>"},
+                      {"role": "assistant", "content": "Now answer the question.\nA small boat."}],
+         "images": ["a.png"], "detection_images": ["a.png"]},
+        {"messages": [{"role": "user", "content": "<image>\nWhere is the dog?"},
+                      {"role": "assistant", "content": vpt.region_text((1, 2, 3, 4))},
+                      {"role": "user", "content": "<image>"},
+                      {"role": "assistant", "content": "Now answer the question.\nIn the top left corner."}],
+         "images": ["a.png", "a.png_20,30,120,150"]},
+        {"messages": [{"role": "user", "content": "<image>\nDescribe this image."},
+                      {"role": "assistant", "content": "The cat sits on the red mat."}], "images": ["a.png"]},
+        {"messages": [{"role": "user", "content": "<image>\nHow many people are there?"},
+                      {"role": "assistant", "content": act}, {"role": "user", "content": "<detection_image>"},
+                      {"role": "assistant", "content": "Now answer the question.\nThere are 12 people."}],
+         "images": ["a.png"], "detection_images": ["a.png"]},
+    ]
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return d
+
+
+# -----------------------------------------------------------------------------
+# model.py: Qwen2-VL against transformers (logits, M-RoPE, generate, KV cache, loading, sampling filters)
+
 LOGIT_TOL = 1e-4  # fp32; the reference reports 0 to 3e-6 for an independent reimplementation
 
 
@@ -49,11 +166,6 @@ def make_hf_model(path, tied=True, std=0.15, seed=0):
             p.normal_(0, std)
     hf.save_pretrained(path)
     return path
-
-
-def load_hf(path):
-    return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="session")
@@ -267,40 +379,80 @@ def test_config_presets_parse_the_reference_configs():
     assert (n2b, n7b) == (2_208_985_600, 8_291_375_616), "parameter counts of Qwen2-VL-2B/7B-Instruct"
 
 
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert M.sample_next(logits, 0).item() == 0
+    assert {M.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)} == {0, 1}
+    # softmax mass: 0.64, 0.23, 0.09, ... so top_p 0.8 keeps the first two tokens only
+    assert {M.sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(200)} == {0, 1}
+    assert {M.sample_next(logits, 1.0, top_p=0.1, generator=g).item() for _ in range(50)} == {0}
+
+
 # -----------------------------------------------------------------------------
-# data.py: images, tokenizer, chat template
-
-QWEN_SPECIALS = data.QWEN_SPECIALS
-CORPUS = ["You are a helpful assistant.", "Describe this image.", "The cat sits on the red mat, next to 3 dogs.",
-          "What is in the picture? A small boat on a lake.", "Where is the dog? It is in the top left corner.",
-          "How many people are there?\nThere are 12 people."]
-
-
-def make_tiny_tokenizer(dirpath):
-    """A ~400-token byte-level BPE with the Qwen2 pre-tokenizer and Qwen specials -> dirpath/tokenizer.json."""
-    data.train_tokenizer(CORPUS, 400, dirpath)
-    return str(dirpath / "tokenizer.json")
+# encoders.py: DINOv2 against transformers
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return Tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+def dino_swiglu_dir(tmp_path_factory):
+    return _write_hf_dino(tmp_path_factory.mktemp("dino_swiglu"), use_swiglu_ffn=True)
 
 
-def hf_processor(**kw):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    return Qwen2VLImageProcessorPil(**{"min_pixels": 3136, "max_pixels": 12845056, **kw})  # Hub values
+def _load_dino(path):
+    return encoders.dino_from_pretrained(str(path))
+
+
+def _hf_last_hidden_state(path, pixel_values):
+    model = HFDinov2Model.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(pixel_values=pixel_values).last_hidden_state
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 280), (518, 518)])  # interpolated, non-square, table as is
+def test_dino_matches_transformers(dino_dir, size):
+    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    ref = _hf_last_hidden_state(dino_dir, pixel_values)
+    with torch.no_grad():
+        out = _load_dino(dino_dir)(pixel_values)
+    assert out.shape == ref.shape == (2, 1 + (size[0] // 14) * (size[1] // 14), 128), (out.shape, ref.shape)
+    diff = (out - ref).abs().max().item()
+    print(f"dinov2 {size}: max|diff| = {diff:.3g}")
+    assert diff <= 1e-4, f"last_hidden_state differs by {diff} at {size}"
+
+
+def test_dino_swiglu_matches_transformers(dino_swiglu_dir):
+    pixel_values = torch.randn(2, 3, 224, 280, generator=torch.Generator().manual_seed(2))
+    ref = _hf_last_hidden_state(dino_swiglu_dir, pixel_values)
+    with torch.no_grad():
+        out = _load_dino(dino_swiglu_dir)(pixel_values)
+    diff = (out - ref).abs().max().item()
+    print(f"dinov2 swiglu (224, 280): max|diff| = {diff:.3g}")
+    assert diff <= 1e-4, f"swiglu last_hidden_state differs by {diff}"
+
+
+def test_dino_patch_features_drop_cls(dino_dir):
+    model = _load_dino(dino_dir)
+    pixel_values = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats, full = model.patch_features(pixel_values), model(pixel_values)
+    assert feats.shape == (1, 256, 128), feats.shape
+    assert torch.equal(feats, full[:, 1:]), "patch_features must be last_hidden_state without CLS"
+
+
+@pytest.mark.parametrize("fixture", ["dino_dir", "dino_swiglu_dir"])
+def test_dino_config_from_state_dict(request, fixture):
+    path = request.getfixturevalue(fixture)
+    from_hf = DinoConfig.from_hf(json.loads((path / "config.json").read_text()))
+    sd = {"detection_model." + k: v for k, v in load_file(path / "model.safetensors").items()}  # the VPT layout
+    assert DinoConfig.from_state_dict(sd, prefix="detection_model.") == from_hf
 
 
 # -----------------------------------------------------------------------------
-# images
+# data.py: images, the Qwen2-VL and DINOv2 preprocessing
 
-def _rgb(h, w, seed=0):
-    """Smooth gradients plus noise, so resizing has real structure to get right."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([255 * yy / max(h - 1, 1), 255 * xx / max(w - 1, 1), 128 + 0 * xx], -1)
-    return np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+def hf_processor(**kw):
+    return Qwen2VLImageProcessorPil(**{"min_pixels": 3136, "max_pixels": 12845056, **kw})  # Hub values
 
 
 def _case(name):
@@ -382,7 +534,6 @@ def test_process_images_concatenates(oracle):
 @pytest.mark.parametrize("hw, grid", [((70, 100), (4, 8)), ((20, 30), (4, 6)), ((5000, 3000), (330, 198)),
                                       ((1080, 1920), (78, 138)), ((1500, 10), (50, 2))])
 def test_smart_resize(hw, grid):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
     h, w = smart_resize(*hw)
     assert (h // 14, w // 14) == grid and (h, w) == hf_smart_resize(*hw, min_pixels=3136, max_pixels=12845056)
 
@@ -431,8 +582,46 @@ def test_image_config_from_dir(tmp_path):
         ImageConfig.from_dir(tmp_path)
 
 
+def _hf_dino_pixels(img):
+    proc = BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+                                image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    return proc(img, return_tensors="pt")["pixel_values"][0]
+
+
+def _noise_image(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("w, h", [(300, 200), (200, 300), (100, 80), (333, 257), (512, 384)])  # wide, tall, upsampled
+def test_process_dino_image_matches_bit_processor(w, h):
+    img = _noise_image(w, h)
+    ours, ref = process_dino_image(img), _hf_dino_pixels(img)
+    assert ours.dtype == ref.dtype == torch.float32, (ours.dtype, ref.dtype)
+    assert ours.shape == ref.shape == (3, 224, 224), (ours.shape, ref.shape)
+    diff = (ours - ref).abs().max().item()
+    print(f"process_dino_image {w}x{h}: max|diff| = {diff:.3g}")
+    assert diff <= 1e-6, f"pixel values differ by {diff} for a {w}x{h} image"
+
+
+def test_process_dino_image_nearest_downscale_first():
+    img = _noise_image(900, 700, seed=1)
+    # LLaMA-Factory's downscale: long side 512, sizes truncated, NEAREST
+    small = img.resize((512, int(700 * 512 / 900)), resample=Image.NEAREST)
+    ours = process_dino_image(img)
+    diff = (ours - _hf_dino_pixels(small)).abs().max().item()
+    print(f"process_dino_image 900x700 (NEAREST to 512x398 first): max|diff| = {diff:.3g}")
+    assert diff <= 1e-6, f"pixel values differ by {diff} after the NEAREST pre-downscale"
+    assert not torch.allclose(ours, _hf_dino_pixels(img)), "the pre-downscale must change the result"
+
+
 # -----------------------------------------------------------------------------
-# tokenizer and chat template
+# data.py: tokenizer and chat template
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
 
 # chat_template.json of Qwen2-VL-2B/7B-Instruct, verbatim (reference §1)
 QWEN2VL_TEMPLATE = (
@@ -446,7 +635,6 @@ QWEN2VL_TEMPLATE = (
     "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
     "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}")
-
 ONE_IMAGE = [{"role": "user", "content": "<image>Describe this image."}]
 WITH_SYSTEM = [{"role": "system", "content": "Answer briefly."},
                {"role": "user", "content": "What is in the picture?<image>"},
@@ -474,7 +662,6 @@ def _hf_content(text):
 
 def hf_render(messages, add_generation_prompt, image_tokens=None):
     """The Hub template rendered by transformers (its jinja environment), pads expanded as Qwen2VLProcessor does."""
-    from transformers.utils.chat_template_utils import render_jinja_template
     hf_messages = [{"role": m["role"], "content": _hf_content(m["content"])} for m in messages]
     text = render_jinja_template([hf_messages], chat_template=QWEN2VL_TEMPLATE,
                                  add_generation_prompt=add_generation_prompt)[0][0]
@@ -550,211 +737,9 @@ def test_tokenizer_add_tokens_and_save(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# sample.py end to end
+# vpt.py: vocabulary, regions, projector, training forward, mask modeling, checkpoints
 
-
-@pytest.fixture(scope="session")
-def chat_dir(tmp_path_factory):
-    """A tiny checkpoint whose config ids match its tokenizer.json: what sample.py needs."""
-    d = tmp_path_factory.mktemp("chat")
-    tok = Tokenizer(make_tiny_tokenizer(d))
-    torch.manual_seed(2)
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64), image_token_id=tok.image_pad_id,
-        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id, tie_word_embeddings=True)
-    hf = Qwen2VLForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.15)
-    hf.save_pretrained(d)
-    Image.fromarray(_rgb(90, 120, seed=3)).save(d / "cat.png")
-    return d
-
-
-def test_sample_cli_matches_transformers_generate(chat_dir, capsys):
-    import sample
-    image = str(chat_dir / "cat.png")
-    got = sample.main(["--init_from", str(chat_dir), "--image", image, "--prompt", "Describe this image.",
-                       "--max_new_tokens", "12", "--device", "cpu"])
-    out, err = capsys.readouterr()
-    assert "prefill:" in err and "tokens/s" in err, f"timings missing from stderr: {err!r}"
-    tok = Tokenizer(chat_dir)
-    assert out.strip() == tok.decode(got).strip(), "stdout must be exactly the streamed completion"
-    pv, grid = process_images([image], ImageConfig())
-    ids, _ = encode_chat(tok, [{"role": "user", "content": "<image>Describe this image."}], grid, True)
-    ids = torch.tensor([ids])
-    with torch.no_grad():
-        ref = load_hf(str(chat_dir)).generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == tok.image_pad_id).int(),
-            pixel_values=pv, image_grid_thw=grid, do_sample=False, repetition_penalty=1.0, max_new_tokens=12,
-            eos_token_id=[tok.im_end_id, tok.endoftext_id], pad_token_id=tok.endoftext_id)[0, ids.size(1):].tolist()
-    stop = {tok.im_end_id, tok.endoftext_id}
-    ref = ref[:next((i for i, t in enumerate(ref) if t in stop), len(ref))]
-    assert got == ref, f"sample.py {got} vs transformers {ref}"
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    assert M.sample_next(logits, 0).item() == 0
-    assert {M.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)} == {0, 1}
-    # softmax mass: 0.64, 0.23, 0.09, ... so top_p 0.8 keeps the first two tokens only
-    assert {M.sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(200)} == {0, 1}
-    assert {M.sample_next(logits, 1.0, top_p=0.1, generator=g).item() for _ in range(50)} == {0}
-
-
-# -----------------------------------------------------------------------------
-# DINOv2 (model.py) and its preprocessing (data.py)
-
-# head size 64 like every facebook/dinov2-*, so that from_state_dict's heads = width // 64 holds
-TINY_DINO = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=518, patch_size=14)
-
-
-def _write_hf_dino(path, **overrides):
-    from transformers import Dinov2Config
-    from transformers import Dinov2Model as HFDinov2Model
-    torch.manual_seed(0)
-    model = HFDinov2Model(Dinov2Config(**TINY_DINO, **overrides))
-    with torch.no_grad():  # a large std everywhere (lambdas, position table, cls, mask) so that every detail shows
-        for p in model.parameters():
-            p.normal_(0.0, 0.15)
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory):
-    return _write_hf_dino(tmp_path_factory.mktemp("dino"))
-
-
-@pytest.fixture(scope="module")
-def dino_swiglu_dir(tmp_path_factory):
-    return _write_hf_dino(tmp_path_factory.mktemp("dino_swiglu"), use_swiglu_ffn=True)
-
-
-def _load_dino(path):
-    return encoders.dino_from_pretrained(str(path))
-
-
-def _hf_last_hidden_state(path, pixel_values):
-    from transformers import Dinov2Model as HFDinov2Model
-    model = HFDinov2Model.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        return model(pixel_values=pixel_values).last_hidden_state
-
-
-@pytest.mark.parametrize("size", [(224, 224), (224, 280), (518, 518)])  # interpolated, non-square, table as is
-def test_dino_matches_transformers(dino_dir, size):
-    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
-    ref = _hf_last_hidden_state(dino_dir, pixel_values)
-    with torch.no_grad():
-        out = _load_dino(dino_dir)(pixel_values)
-    assert out.shape == ref.shape == (2, 1 + (size[0] // 14) * (size[1] // 14), 128), (out.shape, ref.shape)
-    diff = (out - ref).abs().max().item()
-    print(f"dinov2 {size}: max|diff| = {diff:.3g}")
-    assert diff <= 1e-4, f"last_hidden_state differs by {diff} at {size}"
-
-
-def test_dino_swiglu_matches_transformers(dino_swiglu_dir):
-    pixel_values = torch.randn(2, 3, 224, 280, generator=torch.Generator().manual_seed(2))
-    ref = _hf_last_hidden_state(dino_swiglu_dir, pixel_values)
-    with torch.no_grad():
-        out = _load_dino(dino_swiglu_dir)(pixel_values)
-    diff = (out - ref).abs().max().item()
-    print(f"dinov2 swiglu (224, 280): max|diff| = {diff:.3g}")
-    assert diff <= 1e-4, f"swiglu last_hidden_state differs by {diff}"
-
-
-def test_dino_patch_features_drop_cls(dino_dir):
-    model = _load_dino(dino_dir)
-    pixel_values = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        feats, full = model.patch_features(pixel_values), model(pixel_values)
-    assert feats.shape == (1, 256, 128), feats.shape
-    assert torch.equal(feats, full[:, 1:]), "patch_features must be last_hidden_state without CLS"
-
-
-@pytest.mark.parametrize("fixture", ["dino_dir", "dino_swiglu_dir"])
-def test_dino_config_from_state_dict(request, fixture):
-    path = request.getfixturevalue(fixture)
-    from_hf = DinoConfig.from_hf(json.loads((path / "config.json").read_text()))
-    sd = {"detection_model." + k: v for k, v in load_file(path / "model.safetensors").items()}  # the VPT layout
-    assert DinoConfig.from_state_dict(sd, prefix="detection_model.") == from_hf
-
-
-def _hf_dino_pixels(img):
-    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
-    proc = BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
-                                image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
-    return proc(img, return_tensors="pt")["pixel_values"][0]
-
-
-def _noise_image(w, h, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-@pytest.mark.parametrize("w, h", [(300, 200), (200, 300), (100, 80), (333, 257), (512, 384)])  # wide, tall, upsampled
-def test_process_dino_image_matches_bit_processor(w, h):
-    img = _noise_image(w, h)
-    ours, ref = process_dino_image(img), _hf_dino_pixels(img)
-    assert ours.dtype == ref.dtype == torch.float32, (ours.dtype, ref.dtype)
-    assert ours.shape == ref.shape == (3, 224, 224), (ours.shape, ref.shape)
-    diff = (ours - ref).abs().max().item()
-    print(f"process_dino_image {w}x{h}: max|diff| = {diff:.3g}")
-    assert diff <= 1e-6, f"pixel values differ by {diff} for a {w}x{h} image"
-
-
-def test_process_dino_image_nearest_downscale_first():
-    img = _noise_image(900, 700, seed=1)
-    # LLaMA-Factory's downscale: long side 512, sizes truncated, NEAREST
-    small = img.resize((512, int(700 * 512 / 900)), resample=Image.NEAREST)
-    ours = process_dino_image(img)
-    diff = (ours - _hf_dino_pixels(small)).abs().max().item()
-    print(f"process_dino_image 900x700 (NEAREST to 512x398 first): max|diff| = {diff:.3g}")
-    assert diff <= 1e-6, f"pixel values differ by {diff} after the NEAREST pre-downscale"
-    assert not torch.allclose(ours, _hf_dino_pixels(img)), "the pre-downscale must change the result"
-
-
-# -----------------------------------------------------------------------------
-# vpt.py: vocabulary, regions, projector, training forward, mask modeling, sampler, checkpoints
-
-import vpt  # noqa: E402  (kept with its tests)
-
-
-@pytest.fixture(scope="module")
-def vpt_dir(chat_dir, dino_dir, tmp_path_factory):
-    """A tiny VPT checkpoint started from the tiny Qwen2-VL and DINOv2 with vpt.from_base, plus records and images."""
-    model, tok, img_cfg = vpt.from_base(str(chat_dir), "dino", str(dino_dir))
-    torch.manual_seed(3)
-    with torch.no_grad():  # a larger std, so that every detail of the wiring shows in the numbers
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    d = tmp_path_factory.mktemp("vpt")
-    vpt.save(model, tok, ImageConfig(max_pixels=112 * 112), d)
-    Image.fromarray(_rgb(200, 260, seed=5)).save(d / "a.png")
-    act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
-    records = [
-        {"messages": [{"role": "user", "content": "<image>\nWhat is in the picture?"},
-                      {"role": "assistant", "content": act}, {"role": "user", "content": "<detection_image>"},
-                      {"role": "assistant", "content": "Now answer the question.\nA small boat."}],
-         "images": ["a.png"], "detection_images": ["a.png"]},
-        {"messages": [{"role": "user", "content": "<image>\nWhere is the dog?"},
-                      {"role": "assistant", "content": vpt.region_text((1, 2, 3, 4))},
-                      {"role": "user", "content": "<image>"},
-                      {"role": "assistant", "content": "Now answer the question.\nIn the top left corner."}],
-         "images": ["a.png", "a.png_20,30,120,150"]},
-        {"messages": [{"role": "user", "content": "<image>\nDescribe this image."},
-                      {"role": "assistant", "content": "The cat sits on the red mat."}], "images": ["a.png"]},
-        {"messages": [{"role": "user", "content": "<image>\nHow many people are there?"},
-                      {"role": "assistant", "content": act}, {"role": "user", "content": "<detection_image>"},
-                      {"role": "assistant", "content": "Now answer the question.\nThere are 12 people."}],
-         "images": ["a.png"], "detection_images": ["a.png"]},
-    ]
-    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return d
+QWEN_SPECIALS = data.QWEN_SPECIALS
 
 
 def vpt_batch(d, mask_prob=0.0):
@@ -867,93 +852,6 @@ def test_mask_modeling_hides_the_first_user_turn(vpt_dir):
     assert abs(losses["a"] - losses["b unmasked"]) > 1e-5, "without the mask the change must show (non-vacuous)"
 
 
-def transcript_logits(model, sampler):
-    """A fresh prefill of the sampler's whole transcript through the training forward: last position's logits."""
-    ids = torch.tensor([sampler.ids])
-    views = [data.limit_side(sampler.original, model.vcfg.image_resolution)]
-    views += [data.limit_side(sampler.original.crop(r.box), model.vcfg.image_resolution)
-              for r in sampler.rounds if r.kind == "region"]
-    pv, grid = process_images(views, sampler.img_cfg)
-    extra = None
-    if any(r.kind == "reencode" for r in sampler.rounds):
-        extra = process_dino_image(views[0], model.vcfg.image_resolution)[None]
-    pos, _ = M.get_rope_index(ids, grid, None, model.cfg.image_token_id)
-    batch = dict(input_ids=ids, padding_mask=torch.ones_like(ids), position_ids=pos, pixel_values=pv,
-                 image_grid_thw=grid, extra=extra, extra_rows=torch.zeros(1 if extra is not None else 0, dtype=torch.long))
-    with torch.no_grad():
-        return model(batch)[0][0, -1]
-
-
-@pytest.mark.parametrize("mode", ["region", "reencode"])
-def test_sampler_cache_equals_fresh_prefill(vpt_dir, mode):
-    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
-    s = vpt.Sampler(model, tok, img_cfg, mode, max_new_tokens=12)
-    out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
-    T = model.tokens
-    assert len(s.rounds) == 1 and s.rounds[0].kind == mode
-    if mode == "region":
-        assert out[0] == T.region_start and out[5] == T.region_end
-        xs, ys = s.rounds[0].cells
-        assert xs[0] <= xs[1] and ys[0] <= ys[1]
-    else:
-        assert out[0] == T.act_start and T.act in s.ids and T.pad in s.ids
-    diff = (transcript_logits(model, s) - s.logits[0]).abs().max().item()
-    print(f"{mode}: cached vs fresh-prefill logits {diff:.2e}")
-    assert diff <= 1e-5, f"{mode}: the continued cache differs from a fresh prefill by {diff}"
-
-
-def test_free_sampling_never_emits_an_invalid_group(vpt_dir):
-    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
-    T = model.tokens
-    head = model.lm_head
-
-    class Boost(torch.nn.Module):  # makes the round-starting tokens likely, so that many groups are sampled
-        weight = head.weight
-
-        def forward(self, h):
-            logits = head(h)
-            logits[..., [T.region_start, T.act_start]] += 8.0
-            return logits
-
-    model.lm_head = Boost()
-    seen = 0
-    for seed in range(12):
-        s = vpt.Sampler(model, tok, img_cfg, "free", max_rounds=1, max_new_tokens=8, temperature=1.5,
-                        generator=torch.Generator().manual_seed(seed))
-        out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
-        assert len(s.rounds) <= 1
-        assert T.act not in out and T.act_end not in out and T.pad not in out, "forced tokens are never sampled"
-        for r in s.rounds:
-            seen += r.kind == "region"
-            if r.kind == "region":
-                (x0, x1), (y0, y1) = r.cells
-                assert x0 <= x1 and y0 <= y1 and r.box[0] < r.box[2] and r.box[1] < r.box[3]
-        if T.region_start in out and not s.rounds:  # cut off by max_new_tokens inside the group: no round
-            assert T.region_end not in out
-    assert seen > 0, "no region was sampled: the test checked nothing"
-
-
-def test_sampler_off_mode_and_incomplete_group(vpt_dir):
-    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
-    T = model.tokens
-    s = vpt.Sampler(model, tok, img_cfg, "off", max_new_tokens=10)
-    assert not set(s.generate(vpt_dir / "a.png", "Where?")) & T.perception() and not s.rounds
-    s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=3)  # stops inside the group
-    out = list(s.generate(vpt_dir / "a.png", "Where?"))
-    assert out[0] == T.region_start and len(out) == 3 and not s.rounds
-
-
-def test_sample_cli_vpt_region_with_viz(vpt_dir, tmp_path, capsys):
-    import sample
-    viz = tmp_path / "viz.png"
-    sample.main(["--init_from", str(vpt_dir), "--image", str(vpt_dir / "a.png"), "--prompt", "Where is the dog?",
-                 "--vpt", "region", "--max_new_tokens", "10", "--device", "cpu", "--save_viz", str(viz)])
-    out, err = capsys.readouterr()
-    assert "<|region_token_start|>" in err and "region: x cells" in err and "<|region_token" not in out
-    img = np.array(Image.open(viz))
-    assert ((img[..., 0] == 255) & (img[..., 1] == 0) & (img[..., 2] == 0)).sum() > 50, "no red box drawn"
-
-
 def write_authors_checkpoint(src_dir, dst, encoder="dino", shards=1, tied_extra_head=False):
     """Rewrites one of our checkpoints in the authors' layout: pytorch_model*.bin, a flat 4.45-style config with
     model_type qwen2_vl_vpt and vision_encoder_ls, no DINOv2 config, and for clip the projector's unused layers."""
@@ -1053,9 +951,87 @@ def test_new_vpt_model_from_base(vpt_dir, chat_dir, dino_dir):
 
 
 # -----------------------------------------------------------------------------
-# train.py
+# vpt.py: the sampler (one KV cache for the whole answer, constrained regions)
 
-import train  # noqa: E402
+
+def transcript_logits(model, sampler):
+    """A fresh prefill of the sampler's whole transcript through the training forward: last position's logits."""
+    ids = torch.tensor([sampler.ids])
+    views = [data.limit_side(sampler.original, model.vcfg.image_resolution)]
+    views += [data.limit_side(sampler.original.crop(r.box), model.vcfg.image_resolution)
+              for r in sampler.rounds if r.kind == "region"]
+    pv, grid = process_images(views, sampler.img_cfg)
+    extra = None
+    if any(r.kind == "reencode" for r in sampler.rounds):
+        extra = process_dino_image(views[0], model.vcfg.image_resolution)[None]
+    pos, _ = M.get_rope_index(ids, grid, None, model.cfg.image_token_id)
+    batch = dict(input_ids=ids, padding_mask=torch.ones_like(ids), position_ids=pos, pixel_values=pv,
+                 image_grid_thw=grid, extra=extra, extra_rows=torch.zeros(1 if extra is not None else 0, dtype=torch.long))
+    with torch.no_grad():
+        return model(batch)[0][0, -1]
+
+
+@pytest.mark.parametrize("mode", ["region", "reencode"])
+def test_sampler_cache_equals_fresh_prefill(vpt_dir, mode):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    s = vpt.Sampler(model, tok, img_cfg, mode, max_new_tokens=12)
+    out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
+    T = model.tokens
+    assert len(s.rounds) == 1 and s.rounds[0].kind == mode
+    if mode == "region":
+        assert out[0] == T.region_start and out[5] == T.region_end
+        xs, ys = s.rounds[0].cells
+        assert xs[0] <= xs[1] and ys[0] <= ys[1]
+    else:
+        assert out[0] == T.act_start and T.act in s.ids and T.pad in s.ids
+    diff = (transcript_logits(model, s) - s.logits[0]).abs().max().item()
+    print(f"{mode}: cached vs fresh-prefill logits {diff:.2e}")
+    assert diff <= 1e-5, f"{mode}: the continued cache differs from a fresh prefill by {diff}"
+
+
+def test_free_sampling_never_emits_an_invalid_group(vpt_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    T = model.tokens
+    head = model.lm_head
+
+    class Boost(torch.nn.Module):  # makes the round-starting tokens likely, so that many groups are sampled
+        weight = head.weight
+
+        def forward(self, h):
+            logits = head(h)
+            logits[..., [T.region_start, T.act_start]] += 8.0
+            return logits
+
+    model.lm_head = Boost()
+    seen = 0
+    for seed in range(12):
+        s = vpt.Sampler(model, tok, img_cfg, "free", max_rounds=1, max_new_tokens=8, temperature=1.5,
+                        generator=torch.Generator().manual_seed(seed))
+        out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
+        assert len(s.rounds) <= 1
+        assert T.act not in out and T.act_end not in out and T.pad not in out, "forced tokens are never sampled"
+        for r in s.rounds:
+            seen += r.kind == "region"
+            if r.kind == "region":
+                (x0, x1), (y0, y1) = r.cells
+                assert x0 <= x1 and y0 <= y1 and r.box[0] < r.box[2] and r.box[1] < r.box[3]
+        if T.region_start in out and not s.rounds:  # cut off by max_new_tokens inside the group: no round
+            assert T.region_end not in out
+    assert seen > 0, "no region was sampled: the test checked nothing"
+
+
+def test_sampler_off_mode_and_incomplete_group(vpt_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    T = model.tokens
+    s = vpt.Sampler(model, tok, img_cfg, "off", max_new_tokens=10)
+    assert not set(s.generate(vpt_dir / "a.png", "Where?")) & T.perception() and not s.rounds
+    s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=3)  # stops inside the group
+    out = list(s.generate(vpt_dir / "a.png", "Where?"))
+    assert out[0] == T.region_start and len(out) == 3 and not s.rounds
+
+
+# -----------------------------------------------------------------------------
+# train.py
 
 
 def train_cfg(vpt_dir, out, *extra):
@@ -1098,8 +1074,6 @@ def test_resume_continues_bit_for_bit(vpt_dir, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(vpt_dir, tmp_path):
-    import subprocess
-    import sys
     one = train.main(train_cfg(vpt_dir, tmp_path / "one", "--max_iters=2"))  # 1 process x 2 micro-batches
     args = [f"--{k}={v}" for k, v in dataclasses_items(train_cfg(vpt_dir, tmp_path / "two", "--max_iters=2",
                                                                   "--grad_accum=1"))]
@@ -1115,7 +1089,6 @@ def test_two_process_ddp_matches_one_process(vpt_dir, tmp_path):
 
 
 def dataclasses_items(cfg):
-    import dataclasses
     return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
 
 
@@ -1166,7 +1139,65 @@ def test_bad_config_and_bad_record_errors(vpt_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the synthetic set (synth.py) and the quick start end to end
+# sample.py end to end
+
+
+def test_sample_cli_matches_transformers_generate(chat_dir, capsys):
+    image = str(chat_dir / "cat.png")
+    got = sample.main(["--init_from", str(chat_dir), "--image", image, "--prompt", "Describe this image.",
+                       "--max_new_tokens", "12", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert "prefill:" in err and "tokens/s" in err, f"timings missing from stderr: {err!r}"
+    tok = Tokenizer(chat_dir)
+    assert out.strip() == tok.decode(got).strip(), "stdout must be exactly the streamed completion"
+    pv, grid = process_images([image], ImageConfig())
+    ids, _ = encode_chat(tok, [{"role": "user", "content": "<image>Describe this image."}], grid, True)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        ref = load_hf(str(chat_dir)).generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == tok.image_pad_id).int(),
+            pixel_values=pv, image_grid_thw=grid, do_sample=False, repetition_penalty=1.0, max_new_tokens=12,
+            eos_token_id=[tok.im_end_id, tok.endoftext_id], pad_token_id=tok.endoftext_id)[0, ids.size(1):].tolist()
+    stop = {tok.im_end_id, tok.endoftext_id}
+    ref = ref[:next((i for i, t in enumerate(ref) if t in stop), len(ref))]
+    assert got == ref, f"sample.py {got} vs transformers {ref}"
+
+
+def test_sample_cli_vpt_region_with_viz(vpt_dir, tmp_path, capsys):
+    viz = tmp_path / "viz.png"
+    sample.main(["--init_from", str(vpt_dir), "--image", str(vpt_dir / "a.png"), "--prompt", "Where is the dog?",
+                 "--vpt", "region", "--max_new_tokens", "10", "--device", "cpu", "--save_viz", str(viz)])
+    out, err = capsys.readouterr()
+    assert "<|region_token_start|>" in err and "region: x cells" in err and "<|region_token" not in out
+    img = np.array(Image.open(viz))
+    assert ((img[..., 0] == 255) & (img[..., 1] == 0) & (img[..., 2] == 0)).sum() > 50, "no red box drawn"
+
+
+def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, capsys):
+    """python sample.py with no arguments (the README's third command): the quick start's model shipped in
+    assets/synth answers the demo question about assets/demo.png, prints its region tokens and draws the region.
+    The region must be the quadrant of one of the scene's shapes and the answer that shape's digit: the sampler
+    cropped where the model pointed and the model read the crop (given the right crop it reads all 259 validation
+    digits). It is not held to the green square: as the README says, the shipped model points at the orange circle,
+    having not learned which of four shapes a question means."""
+    img, shapes, _ = synth.make_scene(random.Random(2033), "shapes")
+    assert any(f"{s['colour']} {s['shape']}" in sample.DEMO_QUESTION for s in shapes), "the question's shape"
+    shipped = np.asarray(Image.open(os.path.join(sample.ASSETS, "demo.png")).convert("RGB"))
+    assert np.array_equal(np.asarray(img), shipped), "assets/demo.png is not the scene the demo question is about"
+    monkeypatch.chdir(tmp_path)
+    sample.main([])
+    out, err = capsys.readouterr()
+    (xs, ys), = vpt.parse_regions(err)  # one region group, printed on stderr as it was sampled
+    x1, y1, x2, y2 = vpt.cells_to_box(xs, ys, synth.CANVAS, synth.CANVAS, synth.GRID, synth.MARGIN)
+    chosen, = [s for s in shapes if vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) ==
+               (xs[0], ys[0], xs[-1], ys[-1])]
+    assert out.strip().removeprefix(data.ANSWER_PREFIX.strip()).strip() == chosen["digit"], (out, chosen)
+    viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)
+    assert (viz[y1, x1:x2] == (255, 0, 0)).all() and (viz[y2 - 1, x1:x2] == (255, 0, 0)).all(), "region drawn in red"
+
+
+# -----------------------------------------------------------------------------
+# synth.py: the synthetic set, and the quick start end to end
 
 
 @pytest.fixture(scope="module")
@@ -1231,7 +1262,6 @@ def test_synth_plates_sit_on_the_token_grid():
     """Every label plate starts on the 28-px token grid (so in a quadrant crop each ViT patch is all checkerboard or
     all grey, and a digit always fills the same tokens) and lies inside its shape, which lies inside its own
     quadrant."""
-    import random
     for seed in range(50):
         _, shapes, _ = synth.make_scene(random.Random(seed), "shapes")
         for s in shapes:
@@ -1249,7 +1279,6 @@ def test_synth_plates_sit_on_the_token_grid():
 def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
     """A few steps of the quick start's two runs on a tiny synthetic set, then sample.py --eval on each (the
     pipeline, not the accuracy)."""
-    import sample
     common = [f"--tokenizer={synth_dir / 'tokenizer.json'}", "--model_preset=tiny", "--max_iters=2",
               "--batch_size=4", "--eval_interval=0", "--eval_iters=1", "--num_workers=0", "--device=cpu",
               "--max_pixels=12544", "--stage=all", "--lr=1e-3"]
@@ -1267,28 +1296,3 @@ def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
     assert r["region"] == 0.0 and 0.0 <= r["accuracy"] <= 1.0
     out = capsys.readouterr().out
     assert f"({n} records, --vpt region): exact match" in out and "region IoU" in out
-
-
-def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, capsys):
-    """python sample.py with no arguments (the README's third command): the quick start's model shipped in
-    assets/synth answers the demo question about assets/demo.png, prints its region tokens and draws the region.
-    The region must be the quadrant of one of the scene's shapes and the answer that shape's digit: the sampler
-    cropped where the model pointed and the model read the crop (given the right crop it reads all 259 validation
-    digits). It is not held to the green square: as the README says, the shipped model points at the orange circle,
-    having not learned which of four shapes a question means."""
-    import random
-    import sample
-    img, shapes, _ = synth.make_scene(random.Random(2033), "shapes")
-    assert any(f"{s['colour']} {s['shape']}" in sample.DEMO_QUESTION for s in shapes), "the question's shape"
-    shipped = np.asarray(Image.open(os.path.join(sample.ASSETS, "demo.png")).convert("RGB"))
-    assert np.array_equal(np.asarray(img), shipped), "assets/demo.png is not the scene the demo question is about"
-    monkeypatch.chdir(tmp_path)
-    sample.main([])
-    out, err = capsys.readouterr()
-    (xs, ys), = vpt.parse_regions(err)  # one region group, printed on stderr as it was sampled
-    x1, y1, x2, y2 = vpt.cells_to_box(xs, ys, synth.CANVAS, synth.CANVAS, synth.GRID, synth.MARGIN)
-    chosen, = [s for s in shapes if vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) ==
-               (xs[0], ys[0], xs[-1], ys[-1])]
-    assert out.strip().removeprefix(data.ANSWER_PREFIX.strip()).strip() == chosen["digit"], (out, chosen)
-    viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)
-    assert (viz[y1, x1:x2] == (255, 0, 0)).all() and (viz[y2 - 1, x1:x2] == (255, 0, 0)).all(), "region drawn in red"
