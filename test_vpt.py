@@ -148,7 +148,7 @@ def vpt_dir(chat_dir, dino_dir, tmp_path_factory):
 # -----------------------------------------------------------------------------
 # model.py: Qwen2-VL against transformers (logits, M-RoPE, generate, KV cache, loading, sampling filters)
 
-LOGIT_TOL = 1e-4  # fp32; the reference reports 0 to 3e-6 for an independent reimplementation
+LOGIT_TOL = 1e-4  # fp32; the measured differences are below 5e-7 (the README's Numbers table)
 
 
 def make_hf_model(path, tied=True, std=0.15, seed=0):
@@ -237,7 +237,8 @@ def test_logits_and_positions_match_transformers(tied_dir, case):
 
 
 def test_rope_index_reference_example():
-    # qwen2vl.md section 3.5: 15 text tokens, a 1x4x8 image (2x4 tokens), 13 text tokens
+    # Qwen2VLModel.get_rope_index (transformers 5.23) worked by hand: 15 text tokens, a 1x4x8 image (2x4 tokens),
+    # 13 text tokens
     ids = torch.tensor([[1] * 15 + [IMG] * 8 + [2] * 13])
     pos, delta = M.get_rope_index(ids, torch.tensor([[1, 4, 8]]), None, IMG)
     assert pos[0, 0].tolist() == list(range(15)) + [15] * 8 + list(range(19, 32))
@@ -270,7 +271,8 @@ def test_kv_cache_decode_equals_full_forward(untied_dir):
     new = list(M.generate(ours, ids, mask, pv, grid, max_new_tokens=6))
     full = torch.cat([ids, torch.stack(new[:-1], dim=1)], dim=1)  # prompt + the 5 tokens fed back
     full_mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], dim=1)
-    # the no-cache path: positions of the decoded tokens follow the rope delta (section 3.6 step 5)
+    # the no-cache path: positions of the decoded tokens follow the rope delta (the decode branch of
+    # Qwen2VLModel.compute_3d_position_ids, transformers 5.23)
     pos, delta = M.get_rope_index(ids, grid, mask, IMG)
     dec = M.decode_positions(mask, delta, T=5)
     with torch.no_grad():
@@ -292,7 +294,8 @@ def flat_hub_config(nested):
     d = {k: v for k, v in nested.items() if k != "text_config"}
     text = dict(nested["text_config"])
     rope = text.pop("rope_parameters")
-    d.update(text, rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    d.update(text, rope_theta=rope["rope_theta"],
+             rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
     d["vision_config"] = {k: v for k, v in nested["vision_config"].items() if k != "rope_parameters"}
     return d
 
@@ -623,7 +626,7 @@ def tok(tmp_path_factory):
     return Tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-# chat_template.json of Qwen2-VL-2B/7B-Instruct, verbatim (reference §1)
+# chat_template.json of Qwen/Qwen2-VL-2B-Instruct and -7B-Instruct on the Hugging Face Hub, verbatim
 QWEN2VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -776,7 +779,8 @@ def test_regions_round_trip(margin):
         for cx2 in range(cx1, k):
             for cy1, cy2 in ((0, 0), (2, 5), (cx1 % k, k - 1)):
                 box = vpt.cells_to_box([cx1, cx2], [cy1, cy2], W, H, k, margin)
-                widened = (max(cx1 - margin, 0), max(cy1 - margin, 0), min(cx2 + margin, k - 1), min(cy2 + margin, k - 1))
+                widened = (max(cx1 - margin, 0), max(cy1 - margin, 0),
+                           min(cx2 + margin, k - 1), min(cy2 + margin, k - 1))
                 assert vpt.box_to_cells(box, W, H, k) == widened, (cx1, cy1, cx2, cy2, margin, box)
     # a pixel box becomes the cells of its corners, and the group's text parses back
     assert vpt.box_to_cells((130, 190, 170, 230), 448, 448) == (2, 3, 3, 4)
@@ -966,7 +970,8 @@ def transcript_logits(model, sampler):
         extra = process_dino_image(views[0], model.vcfg.image_resolution)[None]
     pos, _ = M.get_rope_index(ids, grid, None, model.cfg.image_token_id)
     batch = dict(input_ids=ids, padding_mask=torch.ones_like(ids), position_ids=pos, pixel_values=pv,
-                 image_grid_thw=grid, extra=extra, extra_rows=torch.zeros(1 if extra is not None else 0, dtype=torch.long))
+                 image_grid_thw=grid, extra=extra,
+                 extra_rows=torch.zeros(1 if extra is not None else 0, dtype=torch.long))
     with torch.no_grad():
         return model(batch)[0][0, -1]
 
@@ -1036,7 +1041,8 @@ def test_sampler_off_mode_and_incomplete_group(vpt_dir):
 
 def train_cfg(vpt_dir, out, *extra):
     return train.parse_config([
-        f"--init_from={vpt_dir}", f"--train_data={vpt_dir / 'records.jsonl'}", f"--val_data={vpt_dir / 'records.jsonl'}",
+        f"--init_from={vpt_dir}", f"--train_data={vpt_dir / 'records.jsonl'}",
+        f"--val_data={vpt_dir / 'records.jsonl'}",
         f"--out_dir={out}", "--batch_size=2", "--grad_accum=2", "--max_iters=4", "--lr=3e-3", "--stage=all",
         "--eval_interval=0", "--eval_iters=2", "--log_interval=1", "--num_workers=0", "--device=cpu",
         "--warmup_frac=0.1", *extra])
@@ -1061,7 +1067,8 @@ def test_train_overfits_a_handful_of_records(vpt_dir, tmp_path, capsys):
 def test_alignment_stage_trains_only_the_projector(vpt_dir, tmp_path):
     before, _, _ = vpt.from_pretrained(str(vpt_dir))
     after = train.main(train_cfg(vpt_dir, tmp_path / "o", "--stage=align", "--max_iters=2"))
-    changed = [n for (n, a), b in zip(before.state_dict().items(), after.state_dict().values()) if not torch.equal(a, b)]
+    changed = [n for (n, a), b in zip(before.state_dict().items(), after.state_dict().values())
+               if not torch.equal(a, b)]
     assert changed and all(n.startswith("detection_projector.") for n in changed), changed
 
 
@@ -1215,7 +1222,8 @@ def test_synth_is_deterministic_and_well_formed(synth_dir, tmp_path):
     assert (synth_dir / "train.jsonl").read_bytes() != (tmp_path / "other" / "train.jsonl").read_bytes()
     tok = Tokenizer(synth_dir)
     ids = vpt.Tokens.of(tok, "dino", synth.GRID)  # every perception token is there, and each is one id
-    for name in ("<|region_token_start|>", f"<|x_{synth.GRID - 1}|>", "<|detection_action|>", "<|detection_image_pad|>"):
+    for name in ("<|region_token_start|>", f"<|x_{synth.GRID - 1}|>", "<|detection_action|>",
+                 "<|detection_image_pad|>"):
         assert len(tok.encode(f"a{name}7")) == 3
     records = data.read_records(synth_dir / "train.jsonl")
     base = data.read_records(synth_dir / "train_baseline.jsonl")
@@ -1230,7 +1238,8 @@ def test_synth_is_deterministic_and_well_formed(synth_dir, tmp_path):
             x1, y1, x2, y2 = r["box"]
             assert vpt.box_to_cells(r["box"], synth.CANVAS, synth.CANVAS, synth.GRID) == (xs[0], ys[0], xs[1], ys[1])
             _, crop = data.parse_image_ref(r["images"][-1], "")  # a "Where is" record: the whole image
-            assert crop is None if len(r["images"]) == 1 else crop[0] <= x1 and crop[1] <= y1 and x2 <= crop[2] and y2 <= crop[3], "the crop must hold the box"
+            assert crop is None if len(r["images"]) == 1 else (
+                crop[0] <= x1 and crop[1] <= y1 and x2 <= crop[2] and y2 <= crop[3]), "the crop must hold the box"
     assert ids.region_start in tok.encode(records[0]["messages"][1]["content"]) or ids.act_start in tok.encode(
         records[0]["messages"][1]["content"])
 
