@@ -42,7 +42,7 @@ class TrainConfig:
     use_vpt: bool = True  # False trains a plain Qwen2-VL (the no-perception-token baseline)
     encoder: str = "dino"  # extra encoder of a new VPT model: "dino" or "clip"
     dino: str = "facebook/dinov2-large"  # its checkpoint, when starting from a base Qwen2-VL
-    dino_preset: str = "tiny"  # model.DINO_PRESETS entry, for scratch
+    dino_preset: str = "tiny"  # encoders.DINO_PRESETS entry, for scratch
     grid: int = 8  # region cells per side of a new VPT model (the paper's k)
     region_margin: int = 1  # cells added around a selected region before cropping (1 in the authors' harness)
     # data

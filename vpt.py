@@ -1,8 +1,8 @@
 """
 Everything the VPT paper (Yu, Ma, Wang, arXiv 2502.17425) adds to Qwen2-VL: the perception-token vocabulary, regions
 <-> boxes on a k x k grid, the control projector, the VPT model (a training forward with one LLM pass, mask modeling
-as an attention mask), the multi-round sampler (one KV cache for the whole answer), and loading and saving
-checkpoints in the authors' layout.
+as an attention mask), the multi-round sampler (one KV cache for the whole answer), and checkpoints: the authors'
+layout in, ours (safetensors) out.
 Citations: "VPT §n" is a section of the paper. A file or function name is the authors' code,
 github.com/yu-rp/VisualPerceptionToken: their model is modeling_qwen2_vl_vpt.py (under
 transformers/src/transformers/models/qwen2_vl_vpt/), their harness evaluation/evaluation.py, their trainer a
