@@ -1198,9 +1198,23 @@ def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, ca
     x1, y1, x2, y2 = vpt.cells_to_box(xs, ys, synth.CANVAS, synth.CANVAS, synth.GRID, synth.MARGIN)
     chosen, = [s for s in shapes if vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) ==
                (xs[0], ys[0], xs[-1], ys[-1])]
-    assert out.strip().removeprefix(data.ANSWER_PREFIX.strip()).strip() == chosen["digit"], (out, chosen)
+    assert out == chosen["digit"] + "\n", f"stdout must hold the answer alone: {out!r} ({chosen})"
+    assert f"question: {sample.DEMO_QUESTION}" in err, "the question is shown on stderr"
     viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)
-    assert (viz[y1, x1:x2] == (255, 0, 0)).all() and (viz[y2 - 1, x1:x2] == (255, 0, 0)).all(), "region drawn in red"
+    s = viz.shape[1] // synth.CANVAS  # the drawing is the scene enlarged by a whole factor, text below it
+    assert s >= 2 and viz.shape[0] > s * synth.CANVAS, f"viz of {viz.shape} is not enlarged with a text band"
+    red = (255, 0, 0)
+    assert (viz[y1 * s, x1 * s:x2 * s] == red).all() and (viz[y2 * s - 1, x1 * s:x2 * s] == red).all(), "region box"
+    assert (viz[s * synth.CANVAS:] < 128).any(), "the question and answer are written under the image"
+
+
+def test_demo_model_and_image_are_the_defaults(tmp_path, monkeypatch, capsys):
+    """Any flag without --init_from / --image keeps the demo's model and image (offline), with the question asked."""
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--prompt", "What number is on the red circle?", "--save_viz", "x.png"])
+    out, err = capsys.readouterr()
+    assert "question: What number is on the red circle?" in err and out.strip().isdigit(), (out, err)
+    assert (tmp_path / "x.png").exists() and not (tmp_path / "demo_region.png").exists()
 
 
 # -----------------------------------------------------------------------------
