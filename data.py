@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
@@ -175,6 +176,29 @@ def process_dino_image(img: Image.Image, max_side: int = 512) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
     return (x - mean) / std  # image_transforms.normalize, in float32
+
+
+# SAM preprocessing, as the VPT authors ran it (the same plugin: the long-side limit at 1024, then
+# facebook/sam-vit-large's SamImageProcessor)
+
+SAM_SIZE = 1024  # sam-vit-* preprocessor_config: size.longest_edge and pad_size, SAM's one input size
+
+
+def process_sam_image(img: Image.Image, max_side: int = SAM_SIZE) -> torch.Tensor:
+    """PIL image -> (3, 1024, 1024) float32 pixel values for SamVisionEncoder: the image fills the top-left corner,
+    zeros elsewhere."""
+    img = load_image(limit_side(img, max_side))  # RGB, transparency on white (transformers' convert_to_rgb)
+    # mirrors SamImageProcessorPil._get_preprocess_shape: the long side becomes exactly 1024 (a small image is
+    # upscaled) and the short side is rounded, where DINOv2's processor truncates
+    w, h = img.size
+    scale = SAM_SIZE / max(w, h)
+    img = img.resize((int(w * scale + 0.5), int(h * scale + 0.5)), resample=Image.BILINEAR)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, h, w) uint8
+    x = (x.double() * (1 / 255)).float()  # image_transforms.rescale: multiply in float64, then cast
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    x = (x - mean) / std  # image_transforms.normalize, in float32
+    return F.pad(x, (0, SAM_SIZE - x.shape[2], 0, SAM_SIZE - x.shape[1]))  # zeros after normalising (PilBackend.pad)
 
 
 # -----------------------------------------------------------------------------
