@@ -1432,3 +1432,128 @@ def test_process_sam_image_nearest_downscale_first():
     ours = data.process_sam_image(img)
     assert torch.equal(ours, _hf_sam_pixels(small)), "the NEAREST pre-downscale, then SamImageProcessor"
     assert not torch.equal(ours, _hf_sam_pixels(img)), "the pre-downscale must change the result"
+
+
+REENCODERS = ["dino", "clip", "sam"]
+
+
+@pytest.fixture(scope="module")
+def reencode_dirs(chat_dir, dino_dir, tmp_path_factory):
+    """One tiny VPT checkpoint per re-encoder, each started with vpt.from_base, with the same records (the
+    re-encoding ones use that encoder's tokens and placeholder). The SAM takes the real 1024 px input with windowed
+    blocks only, to stay fast (the global block is held to transformers above)."""
+    sam_dir = _write_hf_sam(tmp_path_factory.mktemp("sam_vpt"), global_attn_indexes=[])
+    dirs = {}
+    for enc in REENCODERS:
+        model, tok, _ = vpt.from_base(str(chat_dir), enc, dino=str(dino_dir), sam=str(sam_dir))
+        torch.manual_seed(3)
+        with torch.no_grad():  # a larger std, so that every detail of the wiring shows in the numbers
+            for p in model.parameters():
+                p.normal_(0, 0.1)
+        d = tmp_path_factory.mktemp(f"vpt_{enc}")
+        vpt.save(model, tok, ImageConfig(max_pixels=112 * 112), d)
+        Image.fromarray(_rgb(200, 260, seed=5)).save(d / "a.png")
+        p, (ph, key) = vpt.PREFIX[enc], data.EXTRA_PLACEHOLDERS[enc]
+        act = f"<|{p}_action_start|><|{p}_action|><|{p}_action_end|>"
+        answer = "Now answer the question.\n"
+        records = [
+            {"messages": [{"role": "user", "content": "<image>\nWhat is in the picture?"},
+                          {"role": "assistant", "content": act}, {"role": "user", "content": ph},
+                          {"role": "assistant", "content": answer + "A small boat."}],
+             "images": ["a.png"], key: ["a.png"]},
+            {"messages": [{"role": "user", "content": "<image>\nWhere is the dog?"},
+                          {"role": "assistant", "content": vpt.region_text((1, 2, 3, 4))},
+                          {"role": "user", "content": "<image>"},
+                          {"role": "assistant", "content": answer + "In the top left corner."}],
+             "images": ["a.png", "a.png_20,30,120,150"]},
+            {"messages": [{"role": "user", "content": "<image>\nHow many people are there?"},
+                          {"role": "assistant", "content": act}, {"role": "user", "content": ph},
+                          {"role": "assistant", "content": answer + "There are 12 people."}],
+             "images": ["a.png"], key: ["a.png_10,10,150,190"]},
+        ]
+        (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        dirs[enc] = d
+    dirs["sam_hub"] = sam_dir
+    return dirs
+
+
+def _reencode_batch(d, mask_prob=0.0):
+    model, tok, img_cfg = vpt.from_pretrained(str(d))
+    T = model.tokens
+    ds = data.VPTDataset(str(d / "records.jsonl"), tok, img_cfg, model.vcfg.encoder, T.pad, T.act)
+    b = data.collate([ds[i] for i in range(len(ds))], tok.endoftext_id, tok.image_pad_id, 2)
+    b["mask_modeling"][:] = mask_prob > 0
+    return model, tok, b
+
+
+def test_sam_vpt_model_from_base(reencode_dirs, chat_dir):
+    model, tok, b = _reencode_batch(reencode_dirs["sam"])
+    T = model.tokens
+    assert tok.token_to_id("<|seg_image_pad|>") == T.pad and tok.token_to_id("<|seg_action|>") == T.act
+    assert b["extra"].shape == (2, 3, 1024, 1024), "one SAM view per re-encoding record, padded to 1024"
+    assert int((b["input_ids"] == T.pad).sum()) == 2 * data.SAM_TOKENS == 512
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert {"seg_model", "seg_projector"} <= names and not {"detection_model", "clip_projector"} & names
+    fresh, _, _ = vpt.from_base(str(chat_dir), "sam", sam=str(reencode_dirs["sam_hub"]))
+    sam = encoders.sam_from_pretrained(str(reencode_dirs["sam_hub"]))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.seg_model.parameters(), sam.parameters()))
+    assert fresh.seg_projector.conv_feature.weight.shape == (64, 32, 4, 4) and not hasattr(fresh.seg_projector,
+                                                                                            "linear_feature")
+    with torch.no_grad():  # the projector's conv: 4x4 cells of the 64x64 map, row-major, each LayerNormed first
+        f = torch.randn(1, 32, 64, 64)
+        got = fresh.seg_projector(f)
+        cell = F.layer_norm(f[0, :, 4:8, 8:12].permute(1, 2, 0), (32,))  # row 1, column 2 -> token 16 + 2
+        p = fresh.seg_projector
+        want = torch.einsum("ijc,ocij->o", cell, p.conv_feature.weight) + p.conv_feature.bias
+    assert got.shape == (256, 64) and torch.allclose(got[18], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_prob", [0.0, 1.0])
+@pytest.mark.parametrize("enc", REENCODERS)
+def test_reencode_one_pass_equals_two_passes(reencode_dirs, enc, mask_prob):
+    model, tok, b = _reencode_batch(reencode_dirs[enc], mask_prob)
+    for name in ("detection_model", "seg_model"):  # frozen, as in training (and SAM's backward at 1024 px is slow)
+        if hasattr(model, name):
+            getattr(model, name).requires_grad_(False)
+    grads, losses = [], []
+    for fwd in (model.forward, model.forward_two_pass):
+        model.zero_grad()
+        _, loss = fwd(b, b["targets"])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1])
+    assert any(n.startswith(f"{vpt.PREFIX[enc]}_projector.linear_condition") for n in grads[0]), "gate untrained"
+    gdiff = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
+    print(f"{enc} mask_prob {mask_prob}: loss {losses[0]:.6f} vs {losses[1]:.6f} "
+          f"(diff {abs(losses[0] - losses[1]):.2e}), max grad diff {gdiff:.2e}")
+    assert abs(losses[0] - losses[1]) <= 1e-5 and gdiff <= 1e-5
+
+
+def _reencode_transcript_logits(model, s):
+    """A fresh prefill of a re-encode answer's whole transcript through the training forward: last logits."""
+    ids = torch.tensor([s.ids])
+    view = data.limit_side(s.original, model.vcfg.image_resolution)
+    pv, grid = process_images([view], s.img_cfg)
+    extra = {"dino": lambda: process_dino_image(view, model.vcfg.image_resolution)[None],
+             "sam": lambda: data.process_sam_image(s.original)[None],  # from the original, long side 1024
+             "clip": lambda: (pv, grid)}[model.vcfg.encoder]()
+    pos, _ = M.get_rope_index(ids, grid, None, model.cfg.image_token_id)
+    batch = dict(input_ids=ids, padding_mask=torch.ones_like(ids), position_ids=pos, pixel_values=pv,
+                 image_grid_thw=grid, extra=extra, extra_rows=torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        return model(batch)[0][0, -1]
+
+
+@pytest.mark.parametrize("enc", REENCODERS)
+def test_reencode_sampler_cache_equals_fresh_prefill(reencode_dirs, enc):
+    d = reencode_dirs[enc]
+    model, tok, img_cfg = vpt.from_pretrained(str(d))
+    s = vpt.Sampler(model, tok, img_cfg, "reencode", max_new_tokens=10)
+    out = list(s.generate(d / "a.png", "Where is the dog?"))
+    T = model.tokens
+    assert out[0] == T.act_start and [r.kind for r in s.rounds] == ["reencode"]
+    assert T.act in s.ids and T.pad in s.ids and len(out) > 1, "the answer goes on after the round"
+    diff = (_reencode_transcript_logits(model, s) - s.logits[0]).abs().max().item()
+    print(f"{enc} reencode: cached vs fresh-prefill logits {diff:.2e}")
+    assert diff <= 1e-5, f"{enc}: the continued cache differs from a fresh prefill by {diff}"
