@@ -1557,3 +1557,48 @@ def test_reencode_sampler_cache_equals_fresh_prefill(reencode_dirs, enc):
     diff = (_reencode_transcript_logits(model, s) - s.logits[0]).abs().max().item()
     print(f"{enc} reencode: cached vs fresh-prefill logits {diff:.2e}")
     assert diff <= 1e-5, f"{enc}: the continued cache differs from a fresh prefill by {diff}"
+
+
+def _write_seg_layout(src, dst):
+    """Our sam checkpoint rewritten as the authors' class writes a Seg model: pytorch_model.bin, a flat 4.45-style
+    config without a SAM config, and MinimalSamProjector's unused linear_feature."""
+    sd = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["vpt"]
+    cfg["rope_scaling"] = {"mrope_section": cfg["rope_scaling"]["mrope_section"], "rope_type": "default",
+                           "type": "default"}
+    cfg.update({f"{p}_{k}": None for p in ("detection", "clip") for k in ("image_token_id", "action_id",
+                                                                           "action_start_id")})
+    H, Co = cfg["hidden_size"], sd["seg_projector.layernorm_feature.weight"].shape[0]
+    sd["seg_projector.linear_feature.weight"] = torch.randn(H, Co) * 0.05  # Linear(256 -> H) in theirs
+    sd["seg_projector.linear_feature.bias"] = torch.zeros(H)
+    os.makedirs(dst, exist_ok=True)
+    torch.save(sd, dst / "pytorch_model.bin")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    Tokenizer(src).save(dst)
+    ImageConfig.from_dir(src).save(dst)
+    return sd
+
+
+def test_authors_seg_layout_loads_strictly(reencode_dirs, tmp_path, capsys):
+    src = reencode_dirs["sam"]
+    ours, tok, b = _reencode_batch(src)
+    seg = tmp_path / "seg"
+    _write_seg_layout(src, seg)
+    theirs, ttok, _ = vpt.from_pretrained(str(seg))
+    assert theirs.vcfg.encoder == "sam" and theirs.vcfg.sam == ours.vcfg.sam, "SAM config read off the tensors"
+    assert theirs.tokens == ours.tokens
+    with torch.no_grad():
+        diff = (theirs(b)[0] - ours(b)[0]).abs().max().item()
+    assert diff == 0.0, f"logits differ by {diff}"
+    # sample.py answers with a SAM round from the Seg layout
+    import sample
+    sample.main(["--init_from", str(seg), "--image", str(src / "a.png"), "--prompt", "Where is the dog?",
+                 "--vpt", "reencode", "--max_new_tokens", "4", "--device", "cpu"])
+    assert "re-encode: sam features" in capsys.readouterr().err
+    # a missing key is an error naming it
+    sd = torch.load(seg / "pytorch_model.bin", weights_only=True)
+    del sd["seg_model.layers.1.attn.rel_pos_w"]
+    torch.save(sd, seg / "pytorch_model.bin")
+    with pytest.raises(KeyError, match="missing.*seg_model.layers.1.attn.rel_pos_w"):
+        vpt.from_pretrained(str(seg))
