@@ -1602,3 +1602,27 @@ def test_authors_seg_layout_loads_strictly(reencode_dirs, tmp_path, capsys):
     torch.save(sd, seg / "pytorch_model.bin")
     with pytest.raises(KeyError, match="missing.*seg_model.layers.1.attn.rel_pos_w"):
         vpt.from_pretrained(str(seg))
+
+
+def test_sam_training_stages(reencode_dirs):
+    """The Seg recipes' freezing: align trains the projector's feature path only (LayerNorm + conv), finetune all
+    but the vision encoders (the authors' freefreeze_frozen_modules: visual,seg_model)."""
+    model, _, _ = vpt.from_pretrained(str(reencode_dirs["sam"]))
+    for stage in ("align", "finetune"):
+        train.param_groups(model, train.parse_config(["--encoder=sam", f"--stage={stage}"]))
+        trained = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+        if stage == "align":
+            assert trained == {"seg_projector.layernorm_feature", "seg_projector.conv_feature"}, trained
+        else:
+            assert {"seg_projector.conv_feature", "seg_projector.linear_condition", "model.norm"} <= trained
+            assert not any(n.startswith(("seg_model.", "visual.")) for n in trained), trained
+
+
+def test_sam_recipes_parse():
+    here = os.path.dirname(os.path.abspath(__file__))
+    align = train.parse_config([os.path.join(here, "config", "align_2b_sam.py")])
+    seg = train.parse_config([os.path.join(here, "config", "vpt_2b_seg.py")])
+    assert (align.encoder, align.stage, align.lr, align.batch_size * align.grad_accum) == ("sam", "align", 2e-3, 64)
+    assert (seg.encoder, seg.stage, seg.lr, seg.batch_size * seg.grad_accum, seg.mask_prob) == ("sam", "finetune",
+                                                                                              2e-5, 32, 0.5)
+    assert seg.init_from == align.out_dir, "stage 2 starts from stage 1's checkpoint"

@@ -40,9 +40,11 @@ class TrainConfig:
     min_pixels: int = 3136  # image processor limits for scratch (a base checkpoint brings its own)
     max_pixels: int = 12845056
     use_vpt: bool = True  # False trains a plain Qwen2-VL (the no-perception-token baseline)
-    encoder: str = "dino"  # extra encoder of a new VPT model: "dino" or "clip"
+    encoder: str = "dino"  # extra encoder of a new VPT model: "dino", "sam" or "clip"
     dino: str = "facebook/dinov2-large"  # its checkpoint, when starting from a base Qwen2-VL
     dino_preset: str = "tiny"  # encoders.DINO_PRESETS entry, for scratch
+    sam: str = "facebook/sam-vit-large"  # the sam variant's checkpoint (its image encoder), from a base Qwen2-VL
+    sam_preset: str = "tiny"  # encoders.SAM_PRESETS entry, for scratch
     grid: int = 8  # region cells per side of a new VPT model (the paper's k)
     region_margin: int = 1  # cells added around a selected region before cropping (1 in the authors' harness)
     # data
@@ -144,13 +146,14 @@ def build(cfg):
         if not cfg.use_vpt:
             return M.Qwen2VL(qcfg), tok, img_cfg
         vcfg = vpt.VPTConfig(encoder=cfg.encoder, grid=cfg.grid, region_margin=cfg.region_margin,
-                             dino=encoders.DinoConfig(**encoders.DINO_PRESETS[cfg.dino_preset]))
+                             dino=encoders.DinoConfig(**encoders.DINO_PRESETS[cfg.dino_preset]),
+                             sam=encoders.SamConfig(**encoders.SAM_PRESETS[cfg.sam_preset]))
         return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
     path, d = M.open_checkpoint(src, vpt.WEIGHT_PATTERNS)
     if d.get("model_type") == "qwen2_vl_vpt":
         return vpt.from_pretrained(path)
     if cfg.use_vpt:
-        model, tok, img_cfg = vpt.from_base(path, cfg.encoder, cfg.dino, cfg.grid)
+        model, tok, img_cfg = vpt.from_base(path, cfg.encoder, cfg.dino, cfg.grid, sam=cfg.sam)
         model.vcfg.region_margin = cfg.region_margin
         return model, tok, img_cfg
     return M.from_pretrained(path), data.Tokenizer(path), data.ImageConfig.from_dir(path)
@@ -160,14 +163,16 @@ def param_groups(model, cfg):
     """Named groups with their own learning rates; weight decay on matrices only. Freezing by stage:
     align trains the projector's feature path (its condition path gets no gradient without control tokens),
     finetune everything but the vision encoders (the authors' freefreeze_frozen_modules: detection_model,visual in
-    configs/Qwen2-VL-2b-VPT-Det.yaml), all everything (training from scratch). Logs the counts."""
+    configs/Qwen2-VL-2b-VPT-Det.yaml, visual,seg_model in -Seg.yaml), all everything (training from scratch). Logs
+    the counts."""
     proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
     groups = {}
     for name, p in model.named_parameters():
         if cfg.stage == "align":
-            p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature"))
+            p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature",
+                                               proj + "conv_feature"))
         elif cfg.stage == "finetune":
-            p.requires_grad = not name.startswith(("visual.", "detection_model."))
+            p.requires_grad = not name.startswith(("visual.", "detection_model.", "seg_model."))
         elif cfg.stage != "all":
             raise ValueError(f"stage must be align, finetune or all, not {cfg.stage!r}")
         if not p.requires_grad:
