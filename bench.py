@@ -2,8 +2,8 @@
 Benchmarks, each reported as a ratio against a baseline measured in the same run (transformers, or our slow path).
     python bench.py load [--preset qwen2-vl-2b]   load time and peak RSS of a random checkpoint of the real shape, bf16
     python bench.py vpt                           a region-selection answer: one continuous KV cache vs the authors'
-                                                  second round (a fresh prefill of the whole transcript), mid-size model;
-                                                  then SAM-L's share of a re-encode answer's time
+                                                  second round (a fresh prefill of the whole transcript), mid-size
+                                                  model; then SAM-L's share of a re-encode answer's time
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse

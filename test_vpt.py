@@ -24,9 +24,12 @@ from tokenizers import models
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import Dinov2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers import Dinov2Model as HFDinov2Model
+from transformers import SamConfig as HFSamConfig
+from transformers import SamModel
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 from transformers.utils.chat_template_utils import render_jinja_template
 
 import data
@@ -1359,8 +1362,6 @@ SAM_SIZES = {"1024": {}, "160": dict(image_size=160, window_size=4)}
 
 def _write_hf_sam(path, **vision):
     """A tiny full SamModel (vision encoder, prompt encoder, mask decoder) written by transformers' save_pretrained."""
-    from transformers import SamConfig as HFSamConfig
-    from transformers import SamModel
     torch.manual_seed(0)
     cfg = HFSamConfig(vision_config={**TINY_SAM, **vision}, prompt_encoder_config=dict(hidden_size=32),
                       mask_decoder_config=dict(hidden_size=32, num_hidden_layers=1, mlp_dim=64,
@@ -1380,7 +1381,6 @@ def sam_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("size", list(SAM_SIZES))
 def test_sam_image_embeddings_match_transformers(sam_dirs, size):
-    from transformers import SamModel
     hf = SamModel.from_pretrained(sam_dirs[size], dtype=torch.float32, attn_implementation="eager").eval()
     ours = encoders.sam_from_pretrained(str(sam_dirs[size]))
     assert ours.config.global_attn_indexes == (1,) and ours.config.window_size > 0, "windowed and global blocks"
@@ -1406,7 +1406,6 @@ def test_sam_config_from_state_dict_and_unused_keys(sam_dirs):
 
 
 def _hf_sam_pixels(img):
-    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
     return SamImageProcessorPil()(img, return_tensors="pt")["pixel_values"][0]  # sam-vit-* Hub values
 
 
@@ -1592,7 +1591,6 @@ def test_authors_seg_layout_loads_strictly(reencode_dirs, tmp_path, capsys):
         diff = (theirs(b)[0] - ours(b)[0]).abs().max().item()
     assert diff == 0.0, f"logits differ by {diff}"
     # sample.py answers with a SAM round from the Seg layout
-    import sample
     sample.main(["--init_from", str(seg), "--image", str(src / "a.png"), "--prompt", "Where is the dog?",
                  "--vpt", "reencode", "--max_new_tokens", "4", "--device", "cpu"])
     assert "re-encode: sam features" in capsys.readouterr().err
