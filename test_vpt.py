@@ -1122,7 +1122,7 @@ def dataclasses_items(cfg):
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(vpt_dir, tmp_path, monkeypatch):
     out = tmp_path / "o"
     train.main(train_cfg(vpt_dir, out, "--max_iters=2"))
-    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     real = vpt.VPT.forward
 
     def nan_forward(model, batch, targets=None):
@@ -1132,7 +1132,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(vpt_dir, tmp_path, monkeyp
     monkeypatch.setattr(vpt.VPT, "forward", nan_forward)
     with pytest.raises(RuntimeError, match="loss is nan at step 2.*untouched"):
         train.main(train_cfg(vpt_dir, out, "--max_iters=4", "--init_from=resume"))
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before, "the last good checkpoint changed"
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before, "the last good checkpoint changed"
 
 
 def test_mask_modeling_rate():
@@ -1292,3 +1292,106 @@ def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, ca
     assert out.strip().removeprefix(data.ANSWER_PREFIX.strip()).strip() == chosen["digit"], (out, chosen)
     viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)
     assert (viz[y1, x1:x2] == (255, 0, 0)).all() and (viz[y2 - 1, x1:x2] == (255, 0, 0)).all(), "region drawn in red"
+
+
+# -----------------------------------------------------------------------------
+# --- faults and bad input (issue 12): every row of the issue as a small generated input and the expected sentence
+
+import dataclasses  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL: no `except Exception` in the code under test catches it, so nothing cleans up."""
+
+
+@pytest.fixture(scope="module")
+def saved_run(vpt_dir, tmp_path_factory):
+    """One 4-step run saving at steps 2 and 4: its out_dir ("full"), a copy as it was after step 2 ("after2"), the
+    final model, and the arguments and RNG state of the step-4 save, to replay that save elsewhere (nothing changes
+    the model or optimizer after it)."""
+    d = tmp_path_factory.mktemp("crash")
+    real, saves = train.save_checkpoint, {}
+
+    def save(*a):
+        real(*a)
+        saves[a[4]] = a, torch.get_rng_state()
+        if a[4] == 2:
+            shutil.copytree(d / "full", d / "after2", ignore=shutil.ignore_patterns("train.lock"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "save_checkpoint", save)
+        full = train.main(train_cfg(vpt_dir, d / "full", "--eval_interval=2", "--eval_iters=1"))
+    return d, full, saves[4]
+
+
+def replay_save(saved_run, out_dir):
+    """The run's step-4 save, into another out_dir."""
+    (model, tok, img_cfg, optimizer, it, best, cfg), rng = saved_run[2]
+    torch.set_rng_state(rng)
+    train.save_checkpoint(model, tok, img_cfg, optimizer, it, best, dataclasses.replace(cfg, out_dir=str(out_dir)))
+
+
+def files_of(d):
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_checkpoint_survives_a_kill_after_every_rename(vpt_dir, saved_run, monkeypatch):
+    d, full, _ = saved_run
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs: the killed run's lock file names it
+    step_sd = {2: vpt.from_pretrained(str(d / "after2"))[0].state_dict(),
+               4: vpt.from_pretrained(str(d / "full"))[0].state_dict()}
+    real_replace, seen, k = os.replace, set(), 0
+    while True:  # kill the step-4 save after its k-th rename, for k = 0, 1, ... until a save completes
+        out = d / f"kill{k}"
+        shutil.copytree(d / "after2", out)
+        (out / "train.lock").write_text(f"{dead.pid} on {os.uname().nodename}\n")
+        calls = []
+
+        def replace(a, b):  # k = 0: killed before the first rename; k > 0: right after the k-th
+            if k == 0:
+                raise Killed
+            real_replace(a, b)
+            calls.append(b)
+            if len(calls) == k:
+                raise Killed
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            replay_save(saved_run, out)
+            completed = True
+        except Killed:
+            completed = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        step = json.loads((Path(M.checkpoint_dir(str(out))) / M.MANIFEST).read_text())["step"]
+        seen.add(step)
+        loaded = vpt.from_pretrained(str(out))[0].state_dict()
+        assert all(torch.equal(loaded[n], t) for n, t in step_sd[step].items()), f"kill {k}: not step {step}'s weights"
+        resumed = train.main(train_cfg(vpt_dir, out, "--eval_interval=2", "--eval_iters=1", "--init_from=resume"))
+        for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), f"kill after rename {k}: {n} differs from the uninterrupted run after resume"
+        if completed:
+            break
+        k += 1
+    print(f"{k} kill points (before the first rename and after each of the {k - 1} renames of a save); out_dir "
+          f"loaded steps {sorted(seen)}; every resume bit-identical to the uninterrupted run")
+    assert k >= 9 and seen == {2, 4}, (k, seen)
+
+
+def test_mixed_checkpoint_is_refused(saved_run, tmp_path):
+    d = saved_run[0]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(d / "after2", mixed)
+    ckpt = Path(M.checkpoint_dir(str(mixed)))
+    shutil.copy(Path(M.checkpoint_dir(str(d / "full"))) / "model.safetensors", ckpt / "model.safetensors")
+    with pytest.raises(M.UserError, match="model.safetensors is not the file checkpoint.json lists.*mixed"):
+        vpt.from_pretrained(str(mixed))
+    with pytest.raises(M.UserError, match="mixed"):
+        train.parse_config([f"--out_dir={mixed}", "--init_from=resume"])
+    (mixed / "latest").write_text("ckpt-000009\n")
+    with pytest.raises(M.UserError, match="latest names .*ckpt-000009, which is not a complete checkpoint"):
+        M.open_checkpoint(str(mixed))
