@@ -1395,3 +1395,96 @@ def test_mixed_checkpoint_is_refused(saved_run, tmp_path):
     (mixed / "latest").write_text("ckpt-000009\n")
     with pytest.raises(M.UserError, match="latest names .*ckpt-000009, which is not a complete checkpoint"):
         M.open_checkpoint(str(mixed))
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "torch short write"])
+def test_disk_full_during_a_save_keeps_the_last_checkpoint(failure, saved_run, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    shutil.copytree(saved_run[0] / "after2", out)
+    before = files_of(out)
+    real = torch.save
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")  # what a write cut short leaves
+        if failure == "ENOSPC":
+            raise OSError(28, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 50")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(M.UserError, match=r"no space left on the device writing .*optimizer.pt; the checkpoint of "
+                                          r"step 2 in .*ckpt-000002 is intact and the temporary files are removed"):
+        replay_save(saved_run, out)
+    monkeypatch.setattr(torch, "save", real)
+    assert files_of(out) == before, "the previous checkpoint changed, or temporary files were left"
+
+
+def test_new_run_refuses_an_out_dir_holding_a_checkpoint(saved_run, tmp_path, monkeypatch, vpt_dir):
+    out = tmp_path / "o"
+    shutil.copytree(saved_run[0] / "after2", out)
+    with pytest.raises(M.UserError, match=f"{out} already holds a checkpoint; continue it with --init_from=resume, "
+                                          f"choose another --out_dir, or replace it with --overwrite=True"):
+        train.main(train_cfg(vpt_dir, out))
+    monkeypatch.setattr(train, "run", lambda cfg: "ran")
+    assert train.main(train_cfg(vpt_dir, out, "--overwrite=True")) == "ran"
+    assert not (out / "train.lock").exists(), "the lock outlived its run"
+
+
+def test_a_second_run_into_one_out_dir_names_the_holder(vpt_dir, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "train.lock").write_text(f"{os.getpid()} on {os.uname().nodename}\n")  # a live process holds it
+    with pytest.raises(M.UserError, match=f"in use by another run \\(pid {os.getpid()} on {os.uname().nodename}"):
+        train.main(train_cfg(vpt_dir, out))
+    monkeypatch.setattr(train, "run", lambda cfg: (out / "train.lock").read_text())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / "train.lock").write_text(f"{dead.pid} on {os.uname().nodename}\n")  # left by a killed run: taken over
+    assert train.main(train_cfg(vpt_dir, out)).startswith(f"{os.getpid()} on")
+
+
+def test_resume_restores_the_saved_settings(saved_run, tmp_path):
+    out = saved_run[0] / "after2"
+    cfg = train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=8", "--eval_iters=3"])
+    assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.stage, cfg.max_iters, cfg.eval_iters) == \
+        (3e-3, 2, 2, "all", 8, 3), "the saved settings, with the changeable ones given"
+    with pytest.raises(M.UserError, match=r"lr=0.001 \(saved 0.003\), batch_size=8 \(saved 2\) differ; only "
+                                          r"init_from, out_dir, .*max_iters"):
+        train.parse_config([f"--out_dir={out}", "--init_from=resume", "--lr=1e-3", "--batch_size=8"])
+    with pytest.raises(M.UserError, match=f"{tmp_path} holds no checkpoint to continue"):
+        train.parse_config([f"--out_dir={tmp_path}", "--init_from=resume"])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--max_iters=-5", "--max_iters=-5: must be at least 1"), ("--grad_accum=0", "--grad_accum=0: must be at least 1"),
+    ("--dtype=foo", "--dtype='foo': must be one of float32, bfloat16"),
+    ("--model_preset=huge", "--model_preset='huge': must be one of qwen2-vl-2b, qwen2-vl-7b, synth, tiny"),
+    ("--encoder=nope", "--encoder='nope': must be one of dino, clip"), ("--mask_prob=1.5", "must be in \\[0, 1\\]"),
+    ("--device=gpu", "--device='gpu': must be cpu, cuda or cuda:N")])
+def test_train_options_are_checked_at_parse_time(arg, message):
+    with pytest.raises(M.UserError, match=message):
+        train.parse_config([arg])
+
+
+def test_train_device_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.UserError, match="--device='cuda': must be cpu: this machine has no CUDA device"):
+        train.parse_config(["--device=cuda"])
+
+
+def test_config_file_errors_name_file_and_line(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text('lr = 1e-3\nmax_iters = __import__("os").system("echo hi")\n')
+    with pytest.raises(M.UserError, match=r"c.py:2: max_iters = __import__\('os'\).system\('echo hi'\) is not a "
+                                          r"literal .* never run"):
+        train.parse_config([str(f)])
+    f.write_text("lr = (1e-3\n")
+    with pytest.raises(M.UserError, match="c.py:1: '\\(' was never closed"):
+        train.parse_config([str(f)])
+
+
+def test_checkpoint_files_honour_the_umask(saved_run):
+    ckpt = Path(M.checkpoint_dir(str(saved_run[0] / "full")))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in ckpt.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
