@@ -1488,3 +1488,144 @@ def test_checkpoint_files_honour_the_umask(saved_run):
     os.umask(umask)
     modes = {f.name: f.stat().st_mode & 0o777 for f in ckpt.iterdir()}
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def write_records(d, *records):
+    """Records as JSON lines in d, beside a 260x200 image a.png; returns the file."""
+    d.mkdir(exist_ok=True)
+    Image.fromarray(_rgb(200, 260, seed=5)).save(d / "a.png")
+    f = d / "records.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return f
+
+
+GOOD = {"messages": [{"role": "user", "content": "<image>\nWhat is in the picture?"},
+                     {"role": "assistant", "content": "A boat."}], "images": ["a.png"]}
+
+
+def with_(**kw):
+    return {**GOOD, **kw}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (with_(messages=[{"role": r, "content": c} for r, c in [("assistant", "x"), ("user", "<image>"), ("user", "y"),
+                                                            ("assistant", "z")]]),
+     "record 1: messages: roles assistant, user, user, assistant are out of order"),
+    (with_(images="a.png"), "record 1: images: must be a list of image file names, not 'a.png'"),
+    (with_(images=["a.png_1,2,3"]), r"record 1: images\[0\] 'a.png_1,2,3': crop suffix _1,2,3 must be _x1,y1,x2,y2"),
+    (with_(images=["a.png_112,0,0,112"]), r"record 1: images\[0\] 'a.png_112,0,0,112': .*x1 < x2 and y1 < y2"),
+    (with_(images=["a.png_200,150,400,400"]),
+     r"record 1: images\[0\] 'a.png_200,150,400,400': crop box \(200, 150, 400, 400\) is outside the 260x200 image"),
+    (with_(images=["nope.png"]), r"record 1: images\[0\] 'nope.png': image file not found"),
+    (with_(images=["big.png"]), r"record 1: images\[0\] 'big.png': cannot read image .*big.png: Image size"),
+])
+def test_record_errors_name_file_record_and_field(bad, message, tmp_path, vpt_dir, monkeypatch):
+    f = write_records(tmp_path, GOOD, bad)
+    Image.new("RGB", (400, 400)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60000)  # 400x400 is over twice that: a decompression bomb
+    tok = Tokenizer(vpt_dir)
+    with pytest.raises(M.UserError, match=f"{f}: {message}"):
+        data.VPTDataset(str(f), tok, ImageConfig())  # at construction: when the run starts, every image header once
+
+
+def test_a_bad_val_image_stops_the_run_before_any_step(vpt_dir, tmp_path):
+    val = write_records(tmp_path / "v", GOOD, with_(images=["a.png_0,0,300,100"]))
+    with pytest.raises(M.UserError, match=r"records.jsonl: record 1: images\[0\] .* is outside the 260x200 image"):
+        train.main(train_cfg(vpt_dir, tmp_path / "o", f"--val_data={val}"))
+    assert not (tmp_path / "o" / "latest").exists()
+
+
+def test_eval_asks_the_first_user_turn_with_its_system_message(vpt_dir, chat_dir, tmp_path, monkeypatch, capsys):
+    import sample
+    system = {"role": "system", "content": "Answer in one word."}
+    f = write_records(tmp_path, {**GOOD, "messages": [system, *GOOD["messages"]]},
+                      {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]})
+    asked, real = [], vpt.Sampler.generate
+
+    def generate(self, image, question, system=None):
+        asked.append((image is not None, question, system))
+        yield from real(self, image, question, system)
+
+    monkeypatch.setattr(vpt.Sampler, "generate", generate)
+    sample.main(["--init_from", str(vpt_dir), "--eval", str(f), "--max_new_tokens", "3", "--device", "cpu"])
+    assert asked == [(True, "What is in the picture?", "Answer in one word."), (False, "Say hi.", None)], asked
+    prompts, real_gen = [], M.generate
+    monkeypatch.setattr(M, "generate", lambda m, ids, *a: prompts.append(ids) or real_gen(m, ids, *a))
+    sample.main(["--init_from", str(chat_dir), "--eval", str(f), "--vpt", "off", "--max_new_tokens", "3",
+                 "--device", "cpu"])
+    tok = Tokenizer(chat_dir)
+    text = [tok.decode(p[0].tolist()) for p in prompts]
+    assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text[0] and "What is in the picture?" in text[0]
+    assert "<|vision_start|>" not in text[1] and "Say hi." in text[1], text[1]
+    assert "exact match" in capsys.readouterr().out
+
+
+def test_thin_images_stay_legal_and_too_thin_ones_say_their_size(vpt_dir, tmp_path):
+    import sample
+    Image.fromarray(_rgb(10, 1990, seed=1)).save(tmp_path / "thin.png")  # ratio 199: Qwen2-VL takes it
+    Image.new("RGB", (10000, 10)).save(tmp_path / "wide.png")
+    assert data.limit_side(Image.open(tmp_path / "thin.png"), 512).size == (512, 3)
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=8)
+    list(s.generate(str(tmp_path / "thin.png"), "What is written?"))  # a region round on a 1990x10 image
+    with pytest.raises(M.UserError, match=r"--image .*wide.png: image of 10000x10 \(WxH\) has aspect ratio 1000, "
+                                          r"above the 200 that Qwen2-VL's image processor takes"):
+        sample.main(["--init_from", str(vpt_dir), "--image", str(tmp_path / "wide.png"), "--device", "cpu"])
+
+
+def test_loader_errors_name_the_file(vpt_dir, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(vpt_dir, d)
+    (d / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": [')
+    with pytest.raises(M.UserError, match=f"{d / 'tokenizer.json'}: not a valid tokenizer.json .*EOF"):
+        vpt.from_pretrained(str(d))
+    (d / "preprocessor_config.json").write_text('{\n  "min_pixels": 3136,\n  "max_pixels":\n}')
+    with pytest.raises(M.UserError, match=f"{d / 'preprocessor_config.json'}:4: not valid JSON"):
+        ImageConfig.from_dir(d)
+    (d / "config.json").write_text("{")
+    with pytest.raises(M.UserError, match=f"{d / 'config.json'}:1: not valid JSON"):
+        M.open_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_rounds", "-1"], "--max_rounds -1: must be 0 \\(no perception round\\) or more"),
+    (["--max_rounds", "0", "--vpt", "region"], "--max_rounds 0: must be at least 1 with --vpt region"),
+    (["--top_p", "2"], "--top_p 2.0: must be in \\[0, 1\\]"), (["--top_k", "-1"], "--top_k -1: must be 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be 0 \\(greedy\\) or more"),
+    (["--device", "cuda"], "--device cuda: must be cpu: this machine has no CUDA device"),
+    (["--vpt", "maybe"], "argument --vpt: invalid choice: 'maybe'")])
+def test_sampler_options_are_checked_at_parse_time(argv, message, monkeypatch):
+    import sample
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.UserError, match=message):
+        sample.parse_args(["--init_from", "x", "--device", "cpu", *argv])
+
+
+def test_top_k_0_is_no_filter_and_top_p_0_the_best_token():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert len({M.sample_next(logits, 1.0, top_k=0, generator=g).item() for _ in range(300)}) == 5
+    assert {M.sample_next(logits, 1.0, top_p=0.0, generator=g).item() for _ in range(50)} == {0}
+
+
+def test_prompt_longer_than_max_positions_warns(chat_dir, tmp_path, capsys):
+    import sample
+    d = tmp_path / "short"
+    shutil.copytree(chat_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    sample.main(["--init_from", str(d), "--prompt", "hello " * 20, "--max_new_tokens", "2", "--device", "cpu"])
+    assert "more than the model's max_position_embeddings (16); the answer may be unreliable" in \
+        capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cmd, line in [(["sample.py", "--max_rounds", "-1", "--device", "cpu"],
+                       "sample.py: error: --max_rounds -1: must be 0 (no perception round) or more"),
+                      (["train.py", "--max_iters=-5", "--device=cpu"], "train.py: error: --max_iters=-5: must be at "
+                                                                       "least 1")]:
+        r = subprocess.run([sys.executable, os.path.join(here, cmd[0]), *cmd[1:]], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode == 1 and r.stderr == line + "\n", (r.returncode, r.stderr)
