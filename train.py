@@ -13,7 +13,6 @@ after resume and under any world size), evaluation and the loop. Citations as in
 import ast
 import dataclasses
 import errno
-import json
 import math
 import os
 import re
@@ -223,9 +222,8 @@ def build(cfg):
         vcfg = vpt.VPTConfig(encoder=cfg.encoder, grid=cfg.grid, region_margin=cfg.region_margin,
                              dino=encoders.DinoConfig(**encoders.DINO_PRESETS[cfg.dino_preset]))
         return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
-    path = M.resolve_dir(src, vpt.WEIGHT_PATTERNS)
-    with open(os.path.join(path, "config.json")) as f:
-        kind = json.load(f).get("model_type")
+    path, config = M.open_checkpoint(src, vpt.WEIGHT_PATTERNS)
+    kind = config.get("model_type")
     if kind == "qwen2_vl_vpt":
         return vpt.from_pretrained(path)
     if cfg.use_vpt:
@@ -298,8 +296,11 @@ def save_checkpoint(model, tok, img_cfg, optimizer, iter_num, best_val, cfg):
     os.replace(tmp, final)
     M.atomic_write(os.path.join(cfg.out_dir, M.LATEST), lambda t: open(t, "w").write(name + "\n"))
     for old in os.listdir(cfg.out_dir):  # earlier checkpoints, and what a crashed save left
-        if old != name and (old.startswith(("ckpt-", ".tmp-ckpt-")) or old == M.LATEST + ".tmp"):
-            shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+        path = os.path.join(cfg.out_dir, old)
+        if old != name and old.startswith(("ckpt-", ".tmp-ckpt-")):
+            shutil.rmtree(path, ignore_errors=True)
+        elif old == M.LATEST + ".tmp":
+            os.remove(path)
 
 
 def last_checkpoint(out_dir):
