@@ -1458,7 +1458,7 @@ def test_resume_restores_the_saved_settings(saved_run, tmp_path):
     ("--max_iters=-5", "--max_iters=-5: must be at least 1"), ("--grad_accum=0", "--grad_accum=0: must be at least 1"),
     ("--dtype=foo", "--dtype='foo': must be one of float32, bfloat16"),
     ("--model_preset=huge", "--model_preset='huge': must be one of qwen2-vl-2b, qwen2-vl-7b, synth, tiny"),
-    ("--encoder=nope", "--encoder='nope': must be one of dino, clip"),  # (and any encoder vpt.PREFIX gains) ("--mask_prob=1.5", "must be in \\[0, 1\\]"),
+    ("--encoder=nope", "--encoder='nope': must be one of dino, clip"), ("--mask_prob=1.5", "must be in \\[0, 1\\]"),
     ("--device=gpu", "--device='gpu': must be cpu, cuda or cuda:N")])
 def test_train_options_are_checked_at_parse_time(arg, message):
     with pytest.raises(M.UserError, match=message):
