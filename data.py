@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from model import IGNORE_INDEX, atomic_write, get_rope_index, image_token_counts, save_json
+from model import IGNORE_INDEX, UserError, atomic_write, get_rope_index, image_token_counts, read_json, save_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,12 +55,12 @@ class ImageConfig:
         file = Path(path) / "preprocessor_config.json"
         if not file.exists():
             return cls()
-        d = json.loads(file.read_text())
+        d = read_json(file)
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names - set(cls._FIXED) - cls._IGNORED - {"size"}
         wrong = {k: d[k] for k in cls._FIXED if k in d and d[k] != cls._FIXED[k]}
         if unknown or wrong:
-            raise ValueError(f"{file}: unknown keys {sorted(unknown)}, unsupported values {wrong}")
+            raise UserError(f"{file}: unknown keys {sorted(unknown)}, unsupported values {wrong}")
         # newer saves nest the limits as size.shortest_edge/longest_edge (4.4x saves: size.min_pixels/max_pixels);
         # top-level min_pixels/max_pixels win, as in Qwen2VLImageProcessorPil.__init__
         size = d.get("size", {})
@@ -87,8 +87,8 @@ def load_image(src) -> Image.Image:
         try:
             with Image.open(path) as img:
                 img.load()  # decode now so a truncated file fails here, not in the resize
-        except (OSError, SyntaxError) as e:  # PIL raises UnidentifiedImageError (an OSError) or SyntaxError
-            raise ValueError(f"cannot read image {path}: {e}") from e
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            raise UserError(f"cannot read image {path}: {e}") from None
     img = ImageOps.exif_transpose(img)
     # mirrors transformers image_transforms.convert_to_rgb: alpha (or a palette/tRNS transparency) goes on white;
     # every other mode is PIL's convert("RGB"), which clips I;16/I/F values above 255 rather than rescaling them
@@ -96,6 +96,17 @@ def load_image(src) -> Image.Image:
         img = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     return img.convert("RGB")
+
+
+MAX_RATIO = 200  # the longest aspect ratio smart_resize accepts
+
+
+def check_aspect(width, height):
+    """An image Qwen2-VL's processor refuses, said with the size the user gave (before any resize)."""
+    if max(width, height) / min(width, height) > MAX_RATIO:
+        ratio = max(width, height) / min(width, height)
+        raise UserError(f"image of {width}x{height} (WxH) has aspect ratio {ratio:.0f}, above the {MAX_RATIO} that "
+                        f"Qwen2-VL's image processor takes")
 
 
 def smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056) -> tuple[int, int]:
@@ -147,9 +158,13 @@ def limit_side(img, max_side):
     """Shrinks an image so its long side is at most max_side, never enlarges it. Mirrors LLaMA-Factory's
     _preprocess_image (image_resolution, default 512), which the VPT authors apply to every image: NEAREST, sizes
     truncated (BasePlugin._preprocess_image in yu-rp/VisualPerceptionToken LLaMA-Factory/.../data/mm_plugin.py)."""
+    check_aspect(img.width, img.height)
     if max(img.width, img.height) > max_side:
         scale = max_side / max(img.width, img.height)
-        img = img.resize((int(img.width * scale), int(img.height * scale)), resample=Image.NEAREST)
+        w, h = int(img.width * scale), int(img.height * scale)
+        # truncating a thin image's short side could take it past MAX_RATIO (or to 0): keep it at long / MAX_RATIO
+        w, h = max(w, math.ceil(h / MAX_RATIO)), max(h, math.ceil(w / MAX_RATIO))
+        img = img.resize((w, h), resample=Image.NEAREST)
     return img
 
 
@@ -223,7 +238,10 @@ class Tokenizer:
         file = _tokenizer_file(path)
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {file}")
-        self.tk = HFTokenizer.from_file(str(file))
+        try:
+            self.tk = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises a bare Exception with serde's message
+            raise UserError(f"{file}: not a valid tokenizer.json ({e})") from None
         self.im_start_id = self.token_to_id(IM_START)
         self.im_end_id = self.token_to_id(IM_END)
         self.endoftext_id = self.token_to_id(ENDOFTEXT)
@@ -382,9 +400,18 @@ def parse_image_ref(ref, base_dir):
     """'img.jpg' or the authors' crop form 'img.jpg_x1,y1,x2,y2' -> (path relative to base_dir, box or None)."""
     stem, dot, ext = ref.rpartition(".")
     if dot and "_" in ext:  # the text after the last '.' carries the crop box (VPT_Qwen2vlPlugin._regularize_images)
-        ext, box = ext.split("_", 1)
-        return os.path.join(base_dir, f"{stem}.{ext}"), tuple(int(v) for v in box.split(","))
+        ext, suffix = ext.split("_", 1)
+        box = tuple(int(v) for v in suffix.split(",") if re.fullmatch(r"\d+", v.strip()))
+        if len(box) != 4 or len(suffix.split(",")) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+            raise UserError(f"crop suffix _{suffix} must be _x1,y1,x2,y2: four integers, x1 < x2 and y1 < y2")
+        return os.path.join(base_dir, f"{stem}.{ext}"), box
     return os.path.join(base_dir, ref), None
+
+
+def check_box(box, width, height):
+    """A crop must lie inside its image: PIL would pad the rest with black."""
+    if box[2] > width or box[3] > height:
+        raise UserError(f"crop box {box} is outside the {width}x{height} image")
 
 
 def open_image(ref, base_dir, max_side):
@@ -392,11 +419,19 @@ def open_image(ref, base_dir, max_side):
     order: a crop is never upscaled, so a small crop gives few tokens)."""
     path, box = parse_image_ref(ref, base_dir)
     img = load_image(path)
+    if box:
+        check_box(box, img.width, img.height)
     return limit_side(img.crop(box) if box else img, max_side)
 
 
+IMAGE_KEYS = ("images", "detection_images", "clip_images")
+ROLE_ORDER = "an optional system message, then user and assistant turns in turn, the assistant's last"
+
+
 def read_records(path):
-    """A JSON list or JSON-lines file of records -> list of dicts, each checked; errors name the file and index."""
+    """A JSON list or JSON-lines file of records -> list of dicts, each checked (no file opened); errors name the
+    file, the record's index and the field. Roles must alternate as LLaMA-Factory's SharegptDatasetConverter
+    requires (data/converter.py; it drops a record that does not)."""
     with open(path) as f:
         text = f.read()
     try:
@@ -405,20 +440,65 @@ def read_records(path):
         else:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON / JSON lines: {e}") from None
+        raise UserError(f"{path}: not valid JSON / JSON lines: {e}") from None
     for i, r in enumerate(records):
+        where = f"{path}: record {i}"
         msgs = r.get("messages") if isinstance(r, dict) else None
-        if not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and
-                               m.get("role") in ("system", "user", "assistant") for m in msgs):
-            raise ValueError(f"{path}: record {i}: 'messages' must be a list of {{role, content}} with roles "
-                             f"system/user/assistant")
-        if msgs[-1]["role"] != "assistant":
-            raise ValueError(f"{path}: record {i}: the last message must be the assistant's answer")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and
+                m.get("role") in ("system", "user", "assistant") for m in msgs):
+            raise UserError(f"{where}: messages: must be a list of {{role, content}} with roles system/user/assistant")
+        roles = [m["role"] for m in msgs]
+        turns = roles[1:] if roles[0] == "system" else roles
+        if not turns or len(turns) % 2 or turns != ["user", "assistant"] * (len(turns) // 2):
+            raise UserError(f"{where}: messages: roles {', '.join(roles)} are out of order; a record is {ROLE_ORDER}")
+        for key in IMAGE_KEYS:
+            refs = r.get(key)
+            if refs is not None and not (isinstance(refs, list) and all(isinstance(x, str) for x in refs)):
+                raise UserError(f"{where}: {key}: must be a list of image file names, not {refs!r}")
+            for j, ref in enumerate(refs or []):
+                try:
+                    parse_image_ref(ref, "")
+                except UserError as e:
+                    raise UserError(f"{where}: {key}[{j}] {ref!r}: {e}") from None
         for ph, key in [(IMAGE_PLACEHOLDER, "images"), *EXTRA_PLACEHOLDERS.values()]:
             n = sum(m["content"].count(ph) for m in msgs)
             if n != len(r.get(key) or []):
-                raise ValueError(f"{path}: record {i}: {n} {ph} placeholders but {len(r.get(key) or [])} {key}")
+                raise UserError(f"{where}: {key}: {n} {ph} placeholders but {len(r.get(key) or [])} {key}")
     return records
+
+
+def image_size(file) -> tuple[int, int]:
+    """(width, height) of an image as load_image gives it (EXIF rotation applied), from its header alone."""
+    if not os.path.isfile(file):
+        raise UserError(f"image file not found: {file}")
+    try:
+        with Image.open(file) as img:
+            w, h = img.size
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {file}: {e}") from None
+    return (h, w) if turned else (w, h)
+
+
+def check_images(records, path, base_dir):
+    """Opens every image the records name once, header only: a missing or unreadable file, a crop outside its image
+    or an aspect ratio Qwen2-VL refuses is found when a run starts, not at the step that draws the record."""
+    sizes = {}
+    for i, r in enumerate(records):
+        for key in IMAGE_KEYS:
+            for j, ref in enumerate(r.get(key) or []):
+                file, box = parse_image_ref(ref, base_dir)
+                try:
+                    if file not in sizes:
+                        sizes[file] = image_size(file)
+                    w, h = sizes[file]
+                    if box:
+                        check_box(box, w, h)
+                        w, h = box[2] - box[0], box[3] - box[1]
+                    check_aspect(w, h)
+                except UserError as e:
+                    raise UserError(f"{path}: record {i}: {key}[{j}] {ref!r}: {e}") from None
 
 
 class VPTDataset:
@@ -428,6 +508,7 @@ class VPTDataset:
     def __init__(self, path, tok, img_cfg, encoder=None, pad_id=None, act_id=None, image_resolution=512,
                  max_len=2048):
         self.records, self.base = read_records(path), os.path.dirname(os.path.abspath(path))
+        check_images(self.records, path, self.base)
         self.path, self.tok, self.img_cfg, self.encoder = path, tok, img_cfg, encoder
         self.pad = tok.tk.id_to_token(pad_id) if pad_id is not None else None  # the pad token's text
         self.act_id = act_id
@@ -471,7 +552,7 @@ class VPTDataset:
             ids, labels = encode_chat(self.tok, r["messages"], grid, merge_size=self.img_cfg.merge_size,
                                       extra=extra_spec)
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{self.path}: record {i}: {e}") from e
+            raise UserError(f"{self.path}: record {i}: {e}") from e
         if len(ids) > self.max_len:
             return None
         # the control token's input is the model's own hidden state, so predicting it is never trained (as the authors'

@@ -8,6 +8,7 @@ is a near-identity copy. Each block mirrors the transformers 5.23 class or funct
 Shape legend: B batch, T new tokens, S keys (cached + new), C LLM width, nh / nkv query / key-value heads,
 hs head size, Np image patches (rows of pixel_values), D vision width, V vocabulary.
 """
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -18,6 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+class UserError(ValueError):
+    """A problem with the user's settings, inputs or files, said in one sentence that names the thing to fix; the
+    command-line entry points print it as one line, without a traceback (tracebacks stay for bugs)."""
+
+
+class CheckpointError(UserError, KeyError):
+    """A checkpoint that does not match what loads it (a KeyError too: a key is missing or unexpected)."""
 
 # -----------------------------------------------------------------------------
 # configs
@@ -88,7 +98,7 @@ class QwenConfig:  # defaults: the Hub config.json of Qwen/Qwen2-VL-2B-Instruct
                                        "num_attention_heads", "num_key_value_heads")}
             kw["mrope_section"] = tuple(rope["mrope_section"])
         except KeyError as e:
-            raise KeyError(f"config.json lacks {e.args[0]!r}, which a Qwen2-VL text config must set") from None
+            raise CheckpointError(f"config.json lacks {e.args[0]!r}, which a Qwen2-VL text config must set") from None
         kw["rms_norm_eps"] = text.get("rms_norm_eps", 1e-6)
         kw["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", d.get("rope_theta", 1e6)))
         kw["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
@@ -518,18 +528,20 @@ class Qwen2VL(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k best; top_p keeps the smallest
-    set whose probability reaches p (always at least the best token)."""
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k best (0 or None: no filter);
+    top_p keeps the smallest set whose probability reaches p, always at least the best token, so top_p 0 is the
+    best token alone (as TopKLogitsWarper and TopPLogitsWarper in transformers' generate)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
+        drop[:, 0] = False  # the best token always stays (min_tokens_to_keep=1)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
@@ -574,10 +586,15 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]  # configs, weigh
 KEY_RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
+LATEST = "latest"  # in a training out_dir: the name of its one complete checkpoint directory (train.save_checkpoint)
+MANIFEST = "checkpoint.json"  # in a checkpoint directory train.py wrote: its step and a fingerprint of every file
+
+
 def resolve_dir(path_or_id, patterns=HUB_PATTERNS):
-    """A local directory as is, or a Hub repo id downloaded (config, weights, tokenizer files only)."""
+    """A local directory (a training out_dir: the checkpoint its `latest` file names, checked against its
+    manifest), or a Hub repo id downloaded (config, weights, tokenizer files only)."""
     if os.path.isdir(path_or_id):
-        return path_or_id
+        return checkpoint_dir(path_or_id)
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path_or_id, allow_patterns=patterns)
@@ -586,11 +603,50 @@ def resolve_dir(path_or_id, patterns=HUB_PATTERNS):
                       f"({type(e).__name__}); check the path, or the repo id and your network.") from None
 
 
+def checkpoint_dir(path) -> str:
+    """A directory -> the checkpoint to load from it: in a training out_dir the directory its `latest` file names,
+    otherwise path itself. A checkpoint with a manifest must match it file by file, so a mixed or incomplete one
+    (files of different saves, a file cut short or missing) is refused, never loaded."""
+    pointer = os.path.join(path, LATEST)
+    if os.path.isfile(pointer):
+        path = os.path.join(path, Path(pointer).read_text().strip())
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            raise UserError(f"{pointer} names {path}, which is not a complete checkpoint (no {MANIFEST})")
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        want = read_json(os.path.join(path, MANIFEST))["files"]
+        for name, fp in want.items():
+            file = os.path.join(path, name)
+            if not os.path.isfile(file) or fingerprint(file) != fp:
+                what = "missing" if not os.path.isfile(file) else f"not the file {MANIFEST} lists"
+                raise UserError(f"{file} is {what}: the checkpoint in {path} is mixed or incomplete; load another")
+    return path
+
+
+def fingerprint(file, samples=16, chunk=1 << 16) -> str:
+    """Size and a SHA-256 of 16 chunks of 64 KiB spread evenly over the file (all of a small one): 1 MiB read from
+    a 16 GB optimizer state, and two saves of a run differ in it wherever trained weights lie, frozen ones aside."""
+    size = os.path.getsize(file)
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for i in range(samples):
+            f.seek(i * max(0, size - chunk) // (samples - 1))
+            h.update(f.read(chunk))
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+def read_json(file) -> dict:
+    """A JSON file; invalid JSON is an error that names the file and line."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
 def open_checkpoint(path_or_id, patterns=HUB_PATTERNS) -> tuple[str, dict]:
     """The start of every load: the checkpoint's local directory (a Hub id is downloaded first) and its config.json."""
     path = resolve_dir(path_or_id, patterns)
-    with open(os.path.join(path, "config.json")) as f:
-        return path, json.load(f)
+    return path, read_json(os.path.join(path, "config.json"))
 
 
 def _weight_files(dirpath, index, suffix, prefix="") -> list[str]:
@@ -643,7 +699,7 @@ def load_state_dict_strict(model, sd, dtype, device):
     if missing or unexpected or bad:
         lines = [f"\n  {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"  # the first 8 of each kind
                  for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)) if keys]
-        raise KeyError("checkpoint does not match the model:" + "".join(lines))
+        raise CheckpointError("checkpoint does not match the model:" + "".join(lines))
     for k, p in params.items():
         mod_name, _, p_name = k.rpartition(".")
         t = sd.pop(k).to(device=device, dtype=dtype)  # the converted tensor replaces the meta one; the source can go
@@ -683,9 +739,13 @@ def save_pretrained(model, path, cfg_dict):
 
 def atomic_write(path, write):
     """write(tmp) fills a temporary file beside path, which then replaces path (os.replace, atomic on one
-    filesystem): a crash never leaves a half-written file under the real name."""
+    filesystem): a crash never leaves a half-written file under the real name. The file gets the mode open() gives
+    under the umask (safetensors writes 0600, which keeps a shared checkpoint from other users)."""
     tmp = f"{path}.tmp"
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

@@ -32,9 +32,14 @@ DEMO_MODEL, DEMO_IMAGE, DEMO_VIZ = os.path.join(ASSETS, "synth"), os.path.join(A
 VIZ_SIDE = 448  # the drawing's long side at least, in whole multiples of the image (NEAREST keeps its pixels sharp)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, like every other user error (argparse adds the usage block)
+        raise M.UserError(message)
+
+
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default=DEMO_MODEL,
                    help="checkpoint directory or Hub id, e.g. Qwen/Qwen2-VL-2B-Instruct (default: the demo model)")
     p.add_argument("--image", action="append", default=[],
@@ -43,8 +48,8 @@ def parse_args(argv=None):
                    help=f"the question (default: {DEMO_QUESTION!r} for the demo image, else 'Describe this image.')")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens; 0 = no filter")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling in [0, 1]; 0 = the best token alone")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -62,7 +67,30 @@ def parse_args(argv=None):
         args.prompt = DEMO_QUESTION if demo else "Describe this image."
     if args.save_viz is None and demo and not args.eval:
         args.save_viz = DEMO_VIZ
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Every numeric and enum option, checked in one place before anything loads."""
+    forced = args.vpt in ("region", "reencode")
+    rules = [("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+             ("temperature", args.temperature >= 0, "0 (greedy) or more"),
+             ("top_k", args.top_k is None or args.top_k >= 0, "0 (no filter) or more"),
+             ("top_p", args.top_p is None or 0 <= args.top_p <= 1, "in [0, 1] (0 keeps the best token alone)"),
+             ("max_rounds", args.max_rounds >= 0, "0 (no perception round) or more"),
+             ("max_rounds", args.max_rounds >= 1 or not forced,
+              f"at least 1 with --vpt {args.vpt}, which forces a perception round"),
+             ("device", args.device == "cpu" or torch.cuda.is_available(),
+              "cpu: this machine has no CUDA device (torch.cuda.is_available() is False)")]
+    for key, ok, need in rules:
+        if not ok:
+            raise M.UserError(f"--{key} {getattr(args, key)}: must be {need}")
+    for path in args.image:  # the header alone: a missing file or a refused shape is said before the model loads
+        try:
+            data.check_aspect(*data.image_size(path))
+        except M.UserError as e:
+            raise M.UserError(f"--image {path}: {e}") from None
 
 
 class Streamer:
@@ -117,7 +145,7 @@ def main(argv=None):
     stop = tok.stop_ids
     tokens = M.generate(model, ids, None, pixel_values, grid, args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p, stop_ids=stop, generator=gen)
-    return stream(tokens, tok, stop, ids.size(1))
+    return stream(tokens, tok, stop, ids.size(1), max_positions=model.cfg.max_position_embeddings)
 
 
 def answer_vpt(args, path, dtype, gen):
@@ -127,7 +155,8 @@ def answer_vpt(args, path, dtype, gen):
     sampler = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, gen)
     print(f"question: {args.prompt}", file=sys.stderr)
-    ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, tok.stop_ids, None, sampler)
+    ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, tok.stop_ids, None, sampler,
+                 model.cfg.max_position_embeddings)
     for r in sampler.rounds:
         if r.kind == "region":
             print(f"region: x cells {r.cells[0]}, y cells {r.cells[1]} -> box {r.box} on the "
@@ -171,11 +200,13 @@ def box_overlap(pred, gt):
 
 
 def evaluate(args, path, is_vpt, dtype, gen):
-    """Answers every record's first question about its first image (greedy by default) and scores the answer
-    against the record's last assistant message: exact match, perception-token use, and for regions the IoU and
-    IoGT of the selected cells (without the crop margin) against the record's "box"."""
+    """Answers every record's first user turn (after its system message, if it has one) about its first image (if
+    it has one; greedy by default) and scores the answer against the record's last assistant message: exact match,
+    perception-token use, and for regions the IoU and IoGT of the selected cells (without the crop margin) against
+    the record's "box"."""
     records = data.read_records(args.eval)
     base = os.path.dirname(os.path.abspath(args.eval))
+    data.check_images(records, args.eval, base)
     if is_vpt:
         model, tok, img_cfg = vpt.from_pretrained(path, dtype=dtype, device=args.device)
     else:
@@ -185,27 +216,35 @@ def evaluate(args, path, is_vpt, dtype, gen):
         tok, img_cfg = data.Tokenizer(path), data.ImageConfig.from_dir(path)
     stop = tok.stop_ids
     hits, kinds, overlaps = 0, {"region": 0, "reencode": 0}, []
-    for r in records:
-        question = r["messages"][0]["content"].replace(data.IMAGE_PLACEHOLDER, "").strip()
-        truth = r["messages"][-1]["content"].removeprefix(data.ANSWER_PREFIX).strip()
-        image = data.open_image(r["images"][0], base, 10 ** 9)
+    for i, r in enumerate(records):
+        msgs = r["messages"]
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None  # else the template's default
+        question = msgs[1 if system is not None else 0]["content"].replace(data.IMAGE_PLACEHOLDER, "").strip()
+        truth = msgs[-1]["content"].removeprefix(data.ANSWER_PREFIX).strip()
+        try:
+            image = data.open_image(r["images"][0], base, 10 ** 9) if r.get("images") else None  # None: text only
+        except M.UserError as e:
+            raise M.UserError(f"{args.eval}: record {i}: images[0]: {e}") from None
         if is_vpt:
             s = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
                             args.top_k, args.top_p, gen)
-            ids = [t for t in s.generate(image, question) if t not in model.tokens.perception() and t not in stop]
+            ids = [t for t in s.generate(image, question, system)
+                   if t not in model.tokens.perception() and t not in stop]
             for rd in s.rounds:
                 kinds[rd.kind] += 1
                 if rd.kind == "region" and "box" in r:
                     cells = vpt.cells_to_box(*rd.cells, image.width, image.height, model.vcfg.grid, margin=0)
                     overlaps.append(box_overlap(cells, r["box"]))
         else:
-            pv, grid = data.process_images([data.limit_side(image, 512)], img_cfg)  # as VPTDataset trained it
-            prompt, _ = data.encode_chat(tok, [{"role": "user", "content": f"{data.IMAGE_PLACEHOLDER}\n{question}"}],
-                                         grid, True)
+            images = [data.limit_side(image, 512)] if image else []  # as VPTDataset trained it
+            pv, grid = data.process_images(images, img_cfg)
+            content = f"{data.IMAGE_PLACEHOLDER}\n{question}" if image else question
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            prompt, _ = data.encode_chat(tok, messages + [{"role": "user", "content": content}], grid, True)
+            to_dev = lambda t: t.to(args.device) if t is not None else None
             ids = []
-            for t in M.generate(model, torch.tensor([prompt], device=args.device), None, pv.to(args.device),
-                                grid.to(args.device), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                stop, gen):
+            for t in M.generate(model, torch.tensor([prompt], device=args.device), None, to_dev(pv), to_dev(grid),
+                                args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop, gen):
                 if int(t) in stop:
                     break
                 ids.append(int(t))
@@ -233,14 +272,21 @@ def answer_tokens(sampler, image, prompt, tok):
             yield t
 
 
-def stream(tokens, tok, stop, prompt_len, sampler=None):
-    """Streams decoded tokens to stdout until a stop id; prefill time and decode rate to stderr."""
+def stream(tokens, tok, stop, prompt_len, sampler=None, max_positions=None):
+    """Streams decoded tokens to stdout until a stop id; prefill time and decode rate to stderr, and a warning when
+    the prompt is longer than the model's max_position_embeddings."""
     streamer = Streamer(tok)
     t0 = time.perf_counter()
     times = []  # arrival time of each token: the first comes right after the prefill, the rest one decode step each
     for t in tokens:
         t = int(t)
         times.append(time.perf_counter())
+        n = prompt_len if prompt_len is not None else sampler.prompt_len
+        if len(times) == 1 and max_positions and n > max_positions:
+            # a warning, not an error: RoPE has no hard limit and transformers runs it too, but positions past the
+            # trained length are extrapolation, and answers degrade there
+            print(f"warning: the prompt is {n} tokens, more than the model's max_position_embeddings "
+                  f"({max_positions}); the answer may be unreliable", file=sys.stderr)
         if t in stop:
             break
         streamer.put(t)
@@ -254,4 +300,7 @@ def stream(tokens, tok, stop, prompt_len, sampler=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (M.UserError, OSError) as e:  # the user's options, files or network: one line; a bug keeps its traceback
+        sys.exit(f"sample.py: error: {e}")

@@ -10,8 +10,10 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1105,7 +1107,7 @@ def dataclasses_items(cfg):
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(vpt_dir, tmp_path, monkeypatch):
     out = tmp_path / "o"
     train.main(train_cfg(vpt_dir, out, "--max_iters=2"))
-    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     real = vpt.VPT.forward
 
     def nan_forward(model, batch, targets=None):
@@ -1115,7 +1117,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(vpt_dir, tmp_path, monkeyp
     monkeypatch.setattr(vpt.VPT, "forward", nan_forward)
     with pytest.raises(RuntimeError, match="loss is nan at step 2.*untouched"):
         train.main(train_cfg(vpt_dir, out, "--max_iters=4", "--init_from=resume"))
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before, "the last good checkpoint changed"
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before, "the last good checkpoint changed"
 
 
 def test_mask_modeling_rate():
@@ -1599,3 +1601,333 @@ def test_sam_recipes_parse():
     assert (seg.encoder, seg.stage, seg.lr, seg.batch_size * seg.grad_accum, seg.mask_prob) == ("sam", "finetune",
                                                                                               2e-5, 32, 0.5)
     assert seg.init_from == align.out_dir, "stage 2 starts from stage 1's checkpoint"
+
+
+# -----------------------------------------------------------------------------
+# --- faults and bad input (issue 12): every row of the issue as a small generated input and the expected sentence
+
+class Killed(BaseException):
+    """A simulated SIGKILL: no `except Exception` in the code under test catches it, so nothing cleans up."""
+
+
+@pytest.fixture(scope="module")
+def saved_run(vpt_dir, tmp_path_factory):
+    """One 4-step run saving at steps 3 and 4: its out_dir ("full"), a copy as it was after step 3 ("after3"), the
+    final model, and the arguments and RNG state of the step-4 save, to replay that save elsewhere (nothing changes
+    the model or optimizer after it)."""
+    d = tmp_path_factory.mktemp("crash")
+    real, saves = train.save_checkpoint, {}
+
+    def save(*a):
+        real(*a)
+        saves[a[4]] = a, torch.get_rng_state()
+        if a[4] == 3:
+            shutil.copytree(d / "full", d / "after3", ignore=shutil.ignore_patterns("train.lock"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "save_checkpoint", save)
+        full = train.main(train_cfg(vpt_dir, d / "full", "--eval_interval=3", "--eval_iters=1"))
+    return d, full, saves[4]
+
+
+def replay_save(saved_run, out_dir):
+    """The run's step-4 save, into another out_dir."""
+    (model, tok, img_cfg, optimizer, it, best, cfg), rng = saved_run[2]
+    torch.set_rng_state(rng)
+    train.save_checkpoint(model, tok, img_cfg, optimizer, it, best, dataclasses.replace(cfg, out_dir=str(out_dir)))
+
+
+def files_of(d):
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_checkpoint_survives_a_kill_after_every_rename(vpt_dir, saved_run, monkeypatch):
+    d, full, _ = saved_run
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs: the killed run's lock file names it
+    step_sd = {3: vpt.from_pretrained(str(d / "after3"))[0].state_dict(),
+               4: vpt.from_pretrained(str(d / "full"))[0].state_dict()}
+    real_replace, seen, k = os.replace, set(), 0
+    while True:  # kill the step-4 save after its k-th rename, for k = 0, 1, ... until a save completes
+        out = d / f"kill{k}"
+        shutil.copytree(d / "after3", out)
+        (out / "train.lock").write_text(f"{dead.pid} on {os.uname().nodename}\n")
+        calls = []
+
+        def replace(a, b):  # k = 0: killed before the first rename; k > 0: right after the k-th
+            if k == 0:
+                raise Killed
+            real_replace(a, b)
+            calls.append(b)
+            if len(calls) == k:
+                raise Killed
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            replay_save(saved_run, out)
+            completed = True
+        except Killed:
+            completed = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        step = json.loads((Path(M.checkpoint_dir(str(out))) / M.MANIFEST).read_text())["step"]
+        seen.add(step)
+        loaded = vpt.from_pretrained(str(out))[0].state_dict()
+        assert all(torch.equal(loaded[n], t) for n, t in step_sd[step].items()), f"kill {k}: not step {step}'s weights"
+        resumed = train.main(train_cfg(vpt_dir, out, "--eval_interval=3", "--eval_iters=1", "--init_from=resume"))
+        for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), f"kill after rename {k}: {n} differs from the uninterrupted run after resume"
+        if completed:
+            break
+        k += 1
+    print(f"{k} kill points (before the first rename and after each of the {k - 1} renames of a save); out_dir "
+          f"loaded steps {sorted(seen)}; every resume bit-identical to the uninterrupted run")
+    assert k >= 9 and seen == {3, 4}, (k, seen)
+
+
+def test_mixed_checkpoint_is_refused(saved_run, tmp_path):
+    d = saved_run[0]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(d / "after3", mixed)
+    ckpt = Path(M.checkpoint_dir(str(mixed)))
+    shutil.copy(Path(M.checkpoint_dir(str(d / "full"))) / "model.safetensors", ckpt / "model.safetensors")
+    with pytest.raises(M.UserError, match="model.safetensors is not the file checkpoint.json lists.*mixed"):
+        vpt.from_pretrained(str(mixed))
+    with pytest.raises(M.UserError, match="mixed"):
+        train.parse_config([f"--out_dir={mixed}", "--init_from=resume"])
+    (mixed / "latest").write_text("ckpt-000009\n")
+    with pytest.raises(M.UserError, match="latest names .*ckpt-000009, which is not a complete checkpoint"):
+        M.open_checkpoint(str(mixed))
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "torch short write"])
+def test_disk_full_during_a_save_keeps_the_last_checkpoint(failure, saved_run, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    shutil.copytree(saved_run[0] / "after3", out)
+    before = files_of(out)
+    real = torch.save
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")  # what a write cut short leaves
+        if failure == "ENOSPC":
+            raise OSError(28, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 50")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(M.UserError, match=r"no space left on the device writing .*optimizer.pt; the checkpoint of "
+                                          r"step 3 in .*ckpt-000003 is intact and the temporary files are removed"):
+        replay_save(saved_run, out)
+    monkeypatch.setattr(torch, "save", real)
+    assert files_of(out) == before, "the previous checkpoint changed, or temporary files were left"
+
+
+def test_new_run_refuses_an_out_dir_holding_a_checkpoint(saved_run, tmp_path, monkeypatch, vpt_dir):
+    out = tmp_path / "o"
+    shutil.copytree(saved_run[0] / "after3", out)
+    with pytest.raises(M.UserError, match=f"{out} already holds a checkpoint; continue it with --init_from=resume, "
+                                          f"choose another --out_dir, or replace it with --overwrite=True"):
+        train.main(train_cfg(vpt_dir, out))
+    monkeypatch.setattr(train, "run", lambda cfg: "ran")
+    assert train.main(train_cfg(vpt_dir, out, "--overwrite=True")) == "ran"
+    assert not (out / "train.lock").exists(), "the lock outlived its run"
+
+
+def test_a_second_run_into_one_out_dir_names_the_holder(vpt_dir, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "train.lock").write_text(f"{os.getpid()} on {os.uname().nodename}\n")  # a live process holds it
+    with pytest.raises(M.UserError, match=f"in use by another run \\(pid {os.getpid()} on {os.uname().nodename}"):
+        train.main(train_cfg(vpt_dir, out))
+    monkeypatch.setattr(train, "run", lambda cfg: (out / "train.lock").read_text())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / "train.lock").write_text(f"{dead.pid} on {os.uname().nodename}\n")  # left by a killed run: taken over
+    assert train.main(train_cfg(vpt_dir, out)).startswith(f"{os.getpid()} on")
+
+
+def test_resume_restores_the_saved_settings(saved_run, tmp_path):
+    out = saved_run[0] / "after3"
+    cfg = train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=8", "--eval_iters=3"])
+    assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.stage, cfg.max_iters, cfg.eval_iters) == \
+        (3e-3, 2, 2, "all", 8, 3), "the saved settings, with the changeable ones given"
+    with pytest.raises(M.UserError, match=r"lr=0.001 \(saved 0.003\), batch_size=8 \(saved 2\) differ; only "
+                                          r"init_from, out_dir, .*max_iters"):
+        train.parse_config([f"--out_dir={out}", "--init_from=resume", "--lr=1e-3", "--batch_size=8"])
+    with pytest.raises(M.UserError, match=f"{tmp_path} holds no checkpoint to continue"):
+        train.parse_config([f"--out_dir={tmp_path}", "--init_from=resume"])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--max_iters=-5", "--max_iters=-5: must be at least 1"), ("--grad_accum=0", "--grad_accum=0: must be at least 1"),
+    ("--dtype=foo", "--dtype='foo': must be one of float32, bfloat16"),
+    ("--model_preset=huge", "--model_preset='huge': must be one of qwen2-vl-2b, qwen2-vl-7b, synth, tiny"),
+    ("--encoder=nope", "--encoder='nope': must be one of dino, clip"), ("--mask_prob=1.5", "must be in \\[0, 1\\]"),
+    ("--device=gpu", "--device='gpu': must be cpu, cuda or cuda:N")])
+def test_train_options_are_checked_at_parse_time(arg, message):
+    with pytest.raises(M.UserError, match=message):
+        train.parse_config([arg])
+
+
+def test_train_device_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.UserError, match="--device='cuda': must be cpu: this machine has no CUDA device"):
+        train.parse_config(["--device=cuda"])
+
+
+def test_config_file_errors_name_file_and_line(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text('lr = 1e-3\nmax_iters = __import__("os").system("echo hi")\n')
+    with pytest.raises(M.UserError, match=r"c.py:2: max_iters = __import__\('os'\).system\('echo hi'\) is not a "
+                                          r"literal .* never run"):
+        train.parse_config([str(f)])
+    f.write_text("lr = (1e-3\n")
+    with pytest.raises(M.UserError, match="c.py:1: '\\(' was never closed"):
+        train.parse_config([str(f)])
+
+
+def test_checkpoint_files_honour_the_umask(saved_run):
+    ckpt = Path(M.checkpoint_dir(str(saved_run[0] / "full")))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in ckpt.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def write_records(d, *records):
+    """Records as JSON lines in d, beside a 260x200 image a.png; returns the file."""
+    d.mkdir(exist_ok=True)
+    Image.fromarray(_rgb(200, 260, seed=5)).save(d / "a.png")
+    f = d / "records.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return f
+
+
+GOOD = {"messages": [{"role": "user", "content": "<image>\nWhat is in the picture?"},
+                     {"role": "assistant", "content": "A boat."}], "images": ["a.png"]}
+
+
+def with_(**kw):
+    return {**GOOD, **kw}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (with_(messages=[{"role": r, "content": c} for r, c in [("assistant", "x"), ("user", "<image>"), ("user", "y"),
+                                                            ("assistant", "z")]]),
+     "record 1: messages: roles assistant, user, user, assistant are out of order"),
+    (with_(images="a.png"), "record 1: images: must be a list of image file names, not 'a.png'"),
+    (with_(images=["a.png_1,2,3"]), r"record 1: images\[0\] 'a.png_1,2,3': crop suffix _1,2,3 must be _x1,y1,x2,y2"),
+    (with_(images=["a.png_112,0,0,112"]), r"record 1: images\[0\] 'a.png_112,0,0,112': .*x1 < x2 and y1 < y2"),
+    (with_(images=["a.png_200,150,400,400"]),
+     r"record 1: images\[0\] 'a.png_200,150,400,400': crop box \(200, 150, 400, 400\) is outside the 260x200 image"),
+    (with_(images=["nope.png"]), r"record 1: images\[0\] 'nope.png': image file not found"),
+    (with_(images=["big.png"]), r"record 1: images\[0\] 'big.png': cannot read image .*big.png: Image size"),
+])
+def test_record_errors_name_file_record_and_field(bad, message, tmp_path, vpt_dir, monkeypatch):
+    f = write_records(tmp_path, GOOD, bad)
+    Image.new("RGB", (400, 400)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60000)  # 400x400 is over twice that: a decompression bomb
+    tok = Tokenizer(vpt_dir)
+    with pytest.raises(M.UserError, match=f"{f}: {message}"):
+        data.VPTDataset(str(f), tok, ImageConfig())  # at construction: when the run starts, every image header once
+
+
+def test_a_bad_val_image_stops_the_run_before_any_step(vpt_dir, tmp_path):
+    val = write_records(tmp_path / "v", GOOD, with_(images=["a.png_0,0,300,100"]))
+    with pytest.raises(M.UserError, match=r"records.jsonl: record 1: images\[0\] .* is outside the 260x200 image"):
+        train.main(train_cfg(vpt_dir, tmp_path / "o", f"--val_data={val}"))
+    assert not (tmp_path / "o" / "latest").exists()
+
+
+def test_eval_asks_the_first_user_turn_with_its_system_message(vpt_dir, chat_dir, tmp_path, monkeypatch, capsys):
+    import sample
+    system = {"role": "system", "content": "Answer in one word."}
+    f = write_records(tmp_path, {**GOOD, "messages": [system, *GOOD["messages"]]},
+                      {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]})
+    asked, real = [], vpt.Sampler.generate
+
+    def generate(self, image, question, system=None):
+        asked.append((image is not None, question, system))
+        yield from real(self, image, question, system)
+
+    monkeypatch.setattr(vpt.Sampler, "generate", generate)
+    sample.main(["--init_from", str(vpt_dir), "--eval", str(f), "--max_new_tokens", "3", "--device", "cpu"])
+    assert asked == [(True, "What is in the picture?", "Answer in one word."), (False, "Say hi.", None)], asked
+    prompts, real_gen = [], M.generate
+    monkeypatch.setattr(M, "generate", lambda m, ids, *a: prompts.append(ids) or real_gen(m, ids, *a))
+    sample.main(["--init_from", str(chat_dir), "--eval", str(f), "--vpt", "off", "--max_new_tokens", "3",
+                 "--device", "cpu"])
+    tok = Tokenizer(chat_dir)
+    text = [tok.decode(p[0].tolist()) for p in prompts]
+    assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text[0] and "What is in the picture?" in text[0]
+    assert "<|vision_start|>" not in text[1] and "Say hi." in text[1], text[1]
+    assert "exact match" in capsys.readouterr().out
+
+
+def test_thin_images_stay_legal_and_too_thin_ones_say_their_size(vpt_dir, tmp_path):
+    import sample
+    Image.fromarray(_rgb(10, 1990, seed=1)).save(tmp_path / "thin.png")  # ratio 199: Qwen2-VL takes it
+    Image.new("RGB", (10000, 10)).save(tmp_path / "wide.png")
+    assert data.limit_side(Image.open(tmp_path / "thin.png"), 512).size == (512, 3)
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=8)
+    list(s.generate(str(tmp_path / "thin.png"), "What is written?"))  # a region round on a 1990x10 image
+    with pytest.raises(M.UserError, match=r"--image .*wide.png: image of 10000x10 \(WxH\) has aspect ratio 1000, "
+                                          r"above the 200 that Qwen2-VL's image processor takes"):
+        sample.main(["--init_from", str(vpt_dir), "--image", str(tmp_path / "wide.png"), "--device", "cpu"])
+
+
+def test_loader_errors_name_the_file(vpt_dir, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(vpt_dir, d)
+    (d / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": [')
+    with pytest.raises(M.UserError, match=f"{d / 'tokenizer.json'}: not a valid tokenizer.json .*EOF"):
+        vpt.from_pretrained(str(d))
+    (d / "preprocessor_config.json").write_text('{\n  "min_pixels": 3136,\n  "max_pixels":\n}')
+    with pytest.raises(M.UserError, match=f"{d / 'preprocessor_config.json'}:4: not valid JSON"):
+        ImageConfig.from_dir(d)
+    (d / "config.json").write_text("{")
+    with pytest.raises(M.UserError, match=f"{d / 'config.json'}:1: not valid JSON"):
+        M.open_checkpoint(str(d))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_rounds", "-1"], "--max_rounds -1: must be 0 \\(no perception round\\) or more"),
+    (["--max_rounds", "0", "--vpt", "region"], "--max_rounds 0: must be at least 1 with --vpt region"),
+    (["--top_p", "2"], "--top_p 2.0: must be in \\[0, 1\\]"), (["--top_k", "-1"], "--top_k -1: must be 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be 0 \\(greedy\\) or more"),
+    (["--device", "cuda"], "--device cuda: must be cpu: this machine has no CUDA device"),
+    (["--vpt", "maybe"], "argument --vpt: invalid choice: 'maybe'")])
+def test_sampler_options_are_checked_at_parse_time(argv, message, monkeypatch):
+    import sample
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.UserError, match=message):
+        sample.parse_args(["--init_from", "x", "--device", "cpu", *argv])
+
+
+def test_top_k_0_is_no_filter_and_top_p_0_the_best_token():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert len({M.sample_next(logits, 1.0, top_k=0, generator=g).item() for _ in range(300)}) == 5
+    assert {M.sample_next(logits, 1.0, top_p=0.0, generator=g).item() for _ in range(50)} == {0}
+
+
+def test_prompt_longer_than_max_positions_warns(chat_dir, tmp_path, capsys):
+    import sample
+    d = tmp_path / "short"
+    shutil.copytree(chat_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    sample.main(["--init_from", str(d), "--prompt", "hello " * 20, "--max_new_tokens", "2", "--device", "cpu"])
+    assert "more than the model's max_position_embeddings (16); the answer may be unreliable" in \
+        capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cmd, line in [(["sample.py", "--max_rounds", "-1", "--device", "cpu"],
+                       "sample.py: error: --max_rounds -1: must be 0 (no perception round) or more"),
+                      (["train.py", "--max_iters=-5", "--device=cpu"], "train.py: error: --max_iters=-5: must be at "
+                                                                       "least 1")]:
+        r = subprocess.run([sys.executable, os.path.join(here, cmd[0]), *cmd[1:]], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode == 1 and r.stderr == line + "\n", (r.returncode, r.stderr)

@@ -12,9 +12,12 @@ after resume and under any world size), evaluation and the loop. Citations as in
 """
 import ast
 import dataclasses
+import errno
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -78,45 +81,119 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder layer
     checkpointing: bool = False  # activation checkpointing per decoder layer (2B at 2048 tokens on 80 GB needs it)
     seed: int = 1337
+    overwrite: bool = False  # a new run may replace the checkpoint already in out_dir (at its first save)
+
+
+# the settings --init_from=resume takes from the command line; every other one is restored from the checkpoint, and
+# giving it again with another value is an error
+RESUMABLE = ("init_from", "out_dir", "overwrite", "max_iters", "eval_interval", "eval_iters", "log_interval",
+             "wandb_project", "num_workers", "device", "dtype", "compile", "checkpointing")
+STAGES = ("align", "finetune", "all")
+DTYPES = ("float32", "bfloat16")
 
 
 def parse_config(argv):
     """[config_file.py] [--key=value ...] -> TrainConfig. A config file holds `key = literal` lines only (read with
-    ast, never executed). Unknown keys and values of the wrong type are errors."""
+    ast, never executed). Unknown keys, values of the wrong type and values out of range are errors; on resume the
+    run's saved settings are restored (resume_values)."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = {}
 
     def put(key, value, where):
         if key not in fields:
-            raise ValueError(f"{where}: unknown config key {key!r}")
+            raise M.UserError(f"{where}: unknown config key {key!r}")
         want = type(fields[key].default)
         if want is float and type(value) is int:
             value = float(value)
         if type(value) is not want:
-            raise ValueError(f"{where}: {key} must be {want.__name__}, got {value!r}")
+            raise M.UserError(f"{where}: {key} must be {want.__name__}, got {value!r}")
         values[key] = value
 
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__ + "\n".join(f"  --{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)))
+            print(f"With --init_from=resume the run's saved settings are restored; only {', '.join(RESUMABLE)} may "
+                  f"be given again with another value.")
             sys.exit(0)
         if not arg.startswith("--"):
-            tree = ast.parse(open(arg).read(), arg)
+            if not os.path.isfile(arg):
+                raise M.UserError(f"{arg}: no such config file (settings are a config file, then --key=value)")
+            try:
+                tree = ast.parse(open(arg).read(), arg)
+            except SyntaxError as e:
+                raise M.UserError(f"{arg}:{e.lineno}: {e.msg}") from None
             for node in tree.body:
                 single = isinstance(node, ast.Assign) and len(node.targets) == 1
                 if not (single and isinstance(node.targets[0], ast.Name)):
-                    raise ValueError(f"{arg}:{node.lineno}: only `key = literal` lines are allowed")
-                put(node.targets[0].id, ast.literal_eval(node.value), f"{arg}:{node.lineno}")
+                    raise M.UserError(f"{arg}:{node.lineno}: only `key = literal` lines are allowed")
+                key = node.targets[0].id
+                try:
+                    value = ast.literal_eval(node.value)
+                except (ValueError, SyntaxError):
+                    raise M.UserError(f"{arg}:{node.lineno}: {key} = {ast.unparse(node.value)} is not a literal "
+                                      f"(a number, string, bool or tuple); config files are read, never run") from None
+                put(key, value, f"{arg}:{node.lineno}")
         else:
             key, eq, raw = arg[2:].partition("=")
             if not eq:
-                raise ValueError(f"{arg}: write --key=value")
+                raise M.UserError(f"{arg}: write --key=value")
             try:
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 value = raw  # a bare string such as --device=cpu
             put(key, value, arg)
-    return TrainConfig(**values)
+    if values.get("init_from") == "resume":
+        values = resume_values(values)
+    cfg = TrainConfig(**values)
+    check_config(cfg)
+    return cfg
+
+
+def resume_values(given):
+    """--init_from=resume: the settings saved with the checkpoint in out_dir, and of the given ones those that may
+    change (RESUMABLE); another value for any other setting is an error."""
+    out_dir = given.get("out_dir", TrainConfig.out_dir)
+    if not os.path.isfile(os.path.join(out_dir, M.LATEST)):
+        raise M.UserError(f"--init_from=resume: {out_dir} holds no checkpoint to continue (no {M.LATEST} file); "
+                          f"give the out_dir of the run to continue")
+    state = torch.load(os.path.join(M.checkpoint_dir(out_dir), "train_state.pt"), weights_only=True)
+    saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    changed = [f"{k}={v!r} (saved {saved[k]!r})" for k, v in given.items()
+               if k not in RESUMABLE and k in saved and v != saved[k]]
+    if changed:
+        raise M.UserError(f"--init_from=resume continues the run in {out_dir} with its saved settings, but "
+                          f"{', '.join(changed)} differ; only {', '.join(RESUMABLE)} may change")
+    return {**saved, **given}
+
+
+def check_config(cfg):
+    """Every numeric and enum setting, checked in one place before anything runs."""
+    c, device_ok = cfg, re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device)
+    rules = [("max_iters", c.max_iters >= 1, "at least 1"), ("batch_size", c.batch_size >= 1, "at least 1"),
+             ("grad_accum", c.grad_accum >= 1, "at least 1"), ("max_len", c.max_len >= 1, "at least 1"),
+             ("eval_interval", c.eval_interval >= 0, "0 (only at the end) or more"),
+             ("eval_iters", c.eval_iters >= 1, "at least 1"), ("log_interval", c.log_interval >= 1, "at least 1"),
+             ("num_workers", c.num_workers >= 0, "0 or more"), ("lr", c.lr > 0, "above 0"),
+             ("lr_projector", c.lr_projector >= 0, "0 (= lr) or more"),
+             ("lr_embed", c.lr_embed >= 0, "0 (= lr) or more"), ("min_lr_ratio", 0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
+             ("warmup_frac", 0 <= c.warmup_frac <= 1, "in [0, 1]"),
+             ("weight_decay", c.weight_decay >= 0, "0 or more"), ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"),
+             ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"), ("grad_clip", c.grad_clip >= 0, "0 (off) or more"),
+             ("mask_prob", 0 <= c.mask_prob <= 1, "in [0, 1]"), ("grid", c.grid >= 1, "at least 1"),
+             ("region_margin", c.region_margin >= 0, "0 or more"), ("min_pixels", c.min_pixels >= 1, "at least 1"),
+             ("max_pixels", c.max_pixels >= c.min_pixels, f"at least min_pixels ({c.min_pixels})"),
+             ("stage", c.stage in STAGES, f"one of {', '.join(STAGES)}"),
+             ("encoder", c.encoder in vpt.PREFIX, f"one of {', '.join(vpt.PREFIX)}"),
+             ("model_preset", c.model_preset in M.PRESETS, f"one of {', '.join(M.PRESETS)}"),
+             ("dino_preset", c.dino_preset in encoders.DINO_PRESETS, f"one of {', '.join(encoders.DINO_PRESETS)}"),
+             ("sam_preset", c.sam_preset in encoders.SAM_PRESETS, f"one of {', '.join(encoders.SAM_PRESETS)}"),
+             ("dtype", c.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+             ("device", device_ok, "cpu, cuda or cuda:N"),
+             ("device", not c.device.startswith("cuda") or torch.cuda.is_available(),
+              "cpu: this machine has no CUDA device (torch.cuda.is_available() is False)")]
+    for key, ok, need in rules:
+        if not ok:
+            raise M.UserError(f"--{key}={getattr(c, key)!r}: must be {need}")
 
 
 def get_lr(it, cfg):
@@ -173,8 +250,6 @@ def param_groups(model, cfg):
                                                proj + "conv_feature"))
         elif cfg.stage == "finetune":
             p.requires_grad = not name.startswith(("visual.", "detection_model.", "seg_model."))
-        elif cfg.stage != "all":
-            raise ValueError(f"stage must be align, finetune or all, not {cfg.stage!r}")
         if not p.requires_grad:
             continue
         kind = "projector" if name.startswith(proj) else "embeddings" if "embed_tokens" in name else "model"
@@ -193,31 +268,99 @@ def param_groups(model, cfg):
 
 
 def save_checkpoint(model, tok, img_cfg, optimizer, iter_num, best_val, cfg):
-    """The model as sample.py and from_pretrained load it, plus what resume needs: optimizer.pt and train_state.pt
-    (step, best validation loss, RNG, config). Every file is written under .tmp/ and then renamed into out_dir,
-    train_state.pt (the step marker) last, so out_dir never holds a half-written file."""
-    tmp = os.path.join(cfg.out_dir, ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    M.save_pretrained(model, tmp, model.hub_config())
-    tok.save(tmp)
-    img_cfg.save(tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    """All or nothing: the model as sample.py and from_pretrained load it, plus what resume needs (optimizer.pt and
+    train_state.pt: step, best validation loss, RNG, config), written into a new directory out_dir/.tmp-ckpt-N with
+    a manifest of every file (checkpoint.json), renamed to ckpt-N, and only then named by out_dir/latest, replaced
+    atomically: the one switch. Older checkpoints are removed after it. A crash at any point leaves `latest` naming
+    one complete checkpoint; a failed write (a full disk) removes what it wrote and says so in one sentence."""
+    name = f"ckpt-{iter_num:06d}"
+    for n in range(1, 1000):  # a resumed run saves its first step again: the earlier save stays until the switch
+        if not os.path.exists(os.path.join(cfg.out_dir, name)):
+            break
+        name = f"ckpt-{iter_num:06d}-{n}"
+    tmp, final = os.path.join(cfg.out_dir, f".tmp-{name}"), os.path.join(cfg.out_dir, name)
     state = dict(iter_num=iter_num, best_val=best_val, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg))
-    torch.save(state, os.path.join(tmp, "train_state.pt"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "train_state.pt"):
-        os.replace(os.path.join(tmp, name), os.path.join(cfg.out_dir, name))
-    os.rmdir(tmp)
+    try:
+        M.save_pretrained(model, tmp, model.hub_config())
+        tok.save(tmp)
+        img_cfg.save(tmp)
+        M.atomic_write(os.path.join(tmp, "optimizer.pt"), lambda t: torch.save(optimizer.state_dict(), t))
+        M.atomic_write(os.path.join(tmp, "train_state.pt"), lambda t: torch.save(state, t))
+        files = {f: M.fingerprint(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        M.save_json(os.path.join(tmp, M.MANIFEST), dict(step=iter_num, files=files))
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as a RuntimeError
+        partial = [f.removesuffix(".tmp") for f in os.listdir(tmp) if f.endswith(".tmp")] if os.path.isdir(tmp) else []
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(e)
+        if not full and not isinstance(e, OSError):
+            raise
+        what = f"no space left on the device writing {os.path.join(tmp, partial[0]) if partial else tmp}" if full \
+            else f"cannot write the checkpoint of step {iter_num} ({e})"
+        raise M.UserError(f"{what}; {last_checkpoint(cfg.out_dir)} is intact and the temporary files are removed") \
+            from None
+    os.replace(tmp, final)
+    M.atomic_write(os.path.join(cfg.out_dir, M.LATEST), lambda t: open(t, "w").write(name + "\n"))
+    for old in os.listdir(cfg.out_dir):  # earlier checkpoints, and what a crashed save left
+        path = os.path.join(cfg.out_dir, old)
+        if old != name and old.startswith(("ckpt-", ".tmp-ckpt-")):
+            shutil.rmtree(path, ignore_errors=True)
+        elif old == M.LATEST + ".tmp":
+            os.remove(path)
+
+
+def last_checkpoint(out_dir):
+    """'the checkpoint of step N in <dir>' for messages, or 'out_dir' when it holds none yet."""
+    if not os.path.isfile(os.path.join(out_dir, M.LATEST)):
+        return f"{out_dir} (no checkpoint yet)"
+    path = M.checkpoint_dir(out_dir)
+    return f"the checkpoint of step {M.read_json(os.path.join(path, M.MANIFEST))['step']} in {path}"
 
 
 def load_train_state(optimizer, cfg, device):
     """Resume, after build() has loaded the model from out_dir: restores the optimizer and the RNG, and returns
     (step, best validation loss)."""
-    opt = torch.load(os.path.join(cfg.out_dir, "optimizer.pt"), map_location=device, weights_only=True)
+    path = M.checkpoint_dir(cfg.out_dir)
+    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
     optimizer.load_state_dict(opt)
-    state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=True)
+    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
     torch.set_rng_state(state["rng"])
-    log(f"resumed from {cfg.out_dir} at step {state['iter_num']}")
+    log(f"resumed from {path} at step {state['iter_num']}")
     return state["iter_num"], state["best_val"]
+
+
+class OutDirLock:
+    """out_dir/train.lock, made with O_EXCL and holding the owner's pid and host: a second run into the same out_dir
+    stops at once and names the first. A lock left by a dead process on this host is taken over."""
+
+    def __init__(self, out_dir):
+        self.file = os.path.join(out_dir, "train.lock")
+        os.makedirs(out_dir, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid, _, host = open(self.file).read().strip().partition(" on ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    os.remove(self.file)  # stale: its run is gone
+                    continue
+                raise M.UserError(f"{out_dir} is in use by another run (pid {pid} on {host}, {self.file}); wait for "
+                                  f"it or choose another --out_dir (delete the lock file if that run is gone)")
+            os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+            os.close(fd)
+            return
+
+    def release(self):
+        os.remove(self.file)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -395,6 +538,22 @@ def evaluate(model, batches, perception, ctx, device):
 
 
 def main(cfg):
+    """The run, holding out_dir's lock (the first process takes it); a new run never replaces a checkpoint unless
+    told to (overwrite)."""
+    lock = OutDirLock(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else None
+    try:
+        has = os.path.exists(os.path.join(cfg.out_dir, M.LATEST)) or os.path.exists(os.path.join(cfg.out_dir,
+                                                                                                  "train_state.pt"))
+        if has and cfg.init_from != "resume" and not cfg.overwrite:
+            raise M.UserError(f"{cfg.out_dir} already holds a checkpoint; continue it with --init_from=resume, "
+                              f"choose another --out_dir, or replace it with --overwrite=True")
+        return run(cfg)
+    finally:
+        if lock:
+            lock.release()
+
+
+def run(cfg):
     # --- setup: one process, or one of several under torchrun
     ddp, rank, world, device = setup_ddp(cfg)
     master = rank == 0
@@ -431,7 +590,9 @@ def main(cfg):
     train_batches = loader(train_schedule, iter_num, cfg.max_iters, collate, cfg.num_workers)
     perception = torch.tensor(sorted(tokens.perception())) if tokens else None
 
-    # --- the loop: evaluate and save every eval_interval steps and at the end; in between, optimizer steps
+    # --- the loop: evaluate and save every eval_interval steps and at the end (not the step a resume starts from,
+    # which its checkpoint holds); in between, optimizer steps
+    first = iter_num
     if cfg.wandb_project and master:
         import wandb
         wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
@@ -439,7 +600,7 @@ def main(cfg):
     dropped, t0, tokens_seen = 0, time.perf_counter(), 0
     while True:
         done = iter_num >= cfg.max_iters
-        if done or (cfg.eval_interval and iter_num % cfg.eval_interval == 0 and iter_num > 0):
+        if iter_num > first and (done or (cfg.eval_interval and iter_num % cfg.eval_interval == 0)):
             val_batches = loader(val_schedule, 0, cfg.eval_iters, collate, cfg.num_workers)
             val_loss, acc = evaluate(raw, val_batches, perception, ctx, device)
             log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
@@ -492,4 +653,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    try:
+        main(parse_config(sys.argv[1:]))
+    except (M.UserError, OSError) as e:  # the user's settings, files or disk: one line; a bug keeps its traceback
+        sys.exit(f"train.py: error: {e}")

@@ -434,24 +434,31 @@ class Sampler:
         self.T = model.tokens
         self.stop = tok.stop_ids
 
-    def prompt(self, question):
+    def prompt(self, question, image=True):
+        if not image:
+            return question
         trigger = {"region": REGION_TRIGGER, "reencode": REENCODE_TRIGGER}.get(self.mode)
         return f"{data.IMAGE_PLACEHOLDER}\n{question}" + (f"\n{trigger}" if trigger else "")
 
     @torch.no_grad()
-    def generate(self, image, question):
-        """Yields every sampled token id; self.rounds records the perception rounds, self.ids the transcript."""
+    def generate(self, image, question, system=None):
+        """Yields every sampled token id; self.rounds records the perception rounds, self.ids the transcript.
+        image None: a text-only question, answered without perception rounds (there is nothing to look at)."""
         m, vc, T = self.model, self.model.vcfg, self.T
-        self.original = data.load_image(image)  # crops come from the full-resolution original (the authors' harness)
-        view = data.limit_side(self.original, vc.image_resolution)
-        pixel_values, grid = data.process_images([view], self.img_cfg)
+        if image is None:
+            self.original, view, pixel_values, grid = None, None, None, None
+        else:
+            self.original = data.load_image(image)  # crops come from the full-resolution original (authors' harness)
+            view = data.limit_side(self.original, vc.image_resolution)
+            pixel_values, grid = data.process_images([view], self.img_cfg)
         self.view_inputs = (pixel_values, grid)  # the clip variant re-encodes exactly these
-        ids, _ = data.encode_chat(self.tok, [{"role": "user", "content": self.prompt(question)}], grid, True,
-                                  self.img_cfg.merge_size)
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": self.prompt(question, image is not None)})
+        ids, _ = data.encode_chat(self.tok, messages, grid, True, self.img_cfg.merge_size)
         dev = m.lm_head.weight.device
         # a round appends the clip view (the view's tokens), DINOv2's or SAM's 256 tokens or a crop, whose long side
         # is at most image_resolution (one token per 28 px, plus a row and column of rounding), and the turn's text
-        n_view = int(M.image_token_counts(grid, self.img_cfg.merge_size))
+        n_view = int(M.image_token_counts(grid, self.img_cfg.merge_size)) if grid is not None else 0
         unit = self.img_cfg.patch_size * self.img_cfg.merge_size
         n_crop = (vc.image_resolution // unit + 1) ** 2
         n_fixed = max(data.DINO_TOKENS, data.SAM_TOKENS)
@@ -491,7 +498,7 @@ class Sampler:
             keep[:, list(allowed)] = True
             return logits.masked_fill(~keep, float("-inf"))
         banned = set(T.perception())
-        if self.mode != "off" and len(self.rounds) < self.max_rounds:
+        if self.mode != "off" and self.original is not None and len(self.rounds) < self.max_rounds:
             if self.mode in ("region", "reencode") and not self.ids[self.prompt_len:]:
                 first = T.region_start if self.mode == "region" else T.act_start  # forced modes start the round
                 keep = torch.zeros_like(logits, dtype=torch.bool)
