@@ -1305,3 +1305,54 @@ def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
     assert r["region"] == 0.0 and 0.0 <= r["accuracy"] <= 1.0
     out = capsys.readouterr().out
     assert f"({n} records, --vpt region): exact match" in out and "region IoU" in out
+
+
+# -----------------------------------------------------------------------------
+# --- train.py at scale (issue 13): exact gradient accumulation, FLOPs, logging, one compiled graph, LoRA, memory
+
+SHORT, LONG = "A boat.", "The cat sits on the red mat, next to 3 dogs. " * 3 + "A small boat."  # 4 and 49 tokens
+
+
+@pytest.fixture(scope="module")
+def uneven_dir(vpt_dir, tmp_path_factory):
+    """Two text records beside the tiny VPT checkpoint whose answers have 4 and 49 supervised tokens."""
+    d = tmp_path_factory.mktemp("uneven")
+    recs = [{"messages": [{"role": "user", "content": "Describe this image."}, {"role": "assistant", "content": a}]}
+            for a in (SHORT, LONG)]
+    (d / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+def scale_cfg(vpt_dir, data_file, out, *extra):
+    return train.parse_config([
+        f"--init_from={vpt_dir}", f"--train_data={data_file}", f"--val_data={data_file}", f"--out_dir={out}",
+        "--max_iters=2", "--lr=3e-4", "--stage=all", "--eval_interval=0", "--eval_iters=1", "--log_interval=1",
+        "--num_workers=0", "--device=cpu", "--mask_prob=0.0", *extra])
+
+
+def max_param_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_every_split_of_the_global_batch_gives_the_same_step(vpt_dir, uneven_dir, tmp_path, capsys):
+    f = uneven_dir / "two.jsonl"
+    _, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    counts = [sum(t != IGNORE_INDEX for t in s["labels"]) for s in data.VPTDataset(str(f), tok, img_cfg)]
+    assert counts == [4, 49], counts
+    one_batch = train.main(scale_cfg(vpt_dir, f, tmp_path / "a", "--batch_size=2", "--grad_accum=1"))
+    logged_a = capsys.readouterr().out
+    two_micro = train.main(scale_cfg(vpt_dir, f, tmp_path / "b", "--batch_size=1", "--grad_accum=2"))
+    logged_b = capsys.readouterr().out
+    args = [f"--{fl.name}={getattr(c, fl.name)}" for c in [scale_cfg(vpt_dir, f, tmp_path / "c", "--batch_size=1",
+                                                                   "--grad_accum=1")] for fl in dataclasses.fields(c)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(os.path.dirname(__file__), "train.py"), *args],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two_procs, _, _ = vpt.from_pretrained(str(tmp_path / "c"))
+    d_accum, d_ddp = max_param_diff(one_batch, two_micro), max_param_diff(two_micro, two_procs)
+    print(f"2x1 vs 1x2 micro-batches: max parameter diff {d_accum:.2e}; 1 process x 2 vs 2 processes x 1: {d_ddp:.2e}")
+    assert d_accum <= 1e-6 and d_ddp <= 1e-6
+    losses = [[float(x.split("loss ")[1].split(",")[0]) for x in out.splitlines() if "loss" in x and "val" not in x]
+              for out in (logged_a, logged_b, r.stdout)]
+    assert np.allclose(losses[0], losses[1], atol=1e-4) and np.allclose(losses[0], losses[2], atol=1e-4), losses

@@ -348,8 +348,17 @@ def gpu_stats(model, tokens_per_s, world):
             f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def backward(loss, groups, iter_num, cfg):
-    """Backward of one micro-batch's loss / grad_accum. A loss that touched nothing trained (say, an alignment
+def supervised_tokens(batches, device):
+    """Supervised tokens in a step's micro-batches, summed over all processes: the denominator of the step's loss."""
+    n = sum(int((b["targets"] != data.IGNORE_INDEX).sum()) for b in batches if b is not None)
+    n = torch.tensor(n, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n)
+    return max(n.item(), 1.0)
+
+
+def backward(loss, scale, groups, iter_num, cfg):
+    """Backward of one micro-batch's loss * scale. A loss that touched nothing trained (say, an alignment
     micro-batch without a re-encoded image) gets a zero gradient through the trained parameters, which keeps every
     rank's backward, and DDP, in step; a non-finite loss stops the run before it can reach a checkpoint."""
     if not loss.requires_grad:
@@ -357,7 +366,7 @@ def backward(loss, groups, iter_num, cfg):
     if not torch.isfinite(loss):
         raise RuntimeError(f"loss is {loss.item()} at step {iter_num}; stopping. The last good checkpoint "
                            f"in {cfg.out_dir} is untouched.")
-    (loss / cfg.grad_accum).backward()
+    (loss * scale).backward()
 
 
 @torch.no_grad()
@@ -448,24 +457,29 @@ def main(cfg):
         lr_scale = get_lr(iter_num, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-        total = torch.zeros((), device=device)
-        for micro, k in enumerate(train_schedule.step(iter_num)):
-            batch = next(train_batches)
+        # the step's loss is the mean over every supervised token of the global batch, however it is split into
+        # micro-batches and processes: each micro-batch's summed loss over the global count (all-reduced first).
+        # DDP averages gradients over the world, hence the factor world
+        batches = [next(train_batches) for _ in range(cfg.grad_accum)]
+        n_global = supervised_tokens(batches, device)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # summed loss of this process
+        for micro, (k, batch) in enumerate(zip(train_schedule.step(iter_num), batches)):
             # gradients are all-reduced on the last micro-step only
             sync = model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 if batch is None:  # every sample of the micro-batch was over max_len
                     dropped += cfg.batch_size
-                    loss = torch.zeros((), device=device)
+                    loss_sum = torch.zeros((), device=device)
                 else:
                     dropped += batch.pop("dropped")
                     batch["mask_modeling"] = mask_draw(batch, cfg, k)
                     batch = to_device(batch, device)
                     tokens_seen += int(batch["padding_mask"].sum())
                     with ctx:
-                        _, loss = model(batch, batch["targets"])
-                backward(loss, groups, iter_num, cfg)
-            total += loss.detach() / cfg.grad_accum
+                        _, loss = model(batch, batch["targets"])  # mean over the micro-batch's supervised tokens
+                    loss_sum = loss * int((batch["targets"] != data.IGNORE_INDEX).sum())
+                backward(loss_sum, world / n_global, groups, iter_num, cfg)
+            total += loss_sum.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
@@ -473,7 +487,8 @@ def main(cfg):
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             if ddp:
-                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+                dist.all_reduce(total)
+            total /= n_global  # the global per-token mean
             tps = tokens_seen * world / (time.perf_counter() - t0)
             line = f"step {iter_num}: loss {total.item():.4f}, lr {cfg.lr * lr_scale:.2e}, {tps:,.0f} tokens/s"
             line += gpu_stats(raw, tps, world) if device.startswith("cuda") else ""
