@@ -1356,3 +1356,49 @@ def test_every_split_of_the_global_batch_gives_the_same_step(vpt_dir, uneven_dir
     losses = [[float(x.split("loss ")[1].split(",")[0]) for x in out.splitlines() if "loss" in x and "val" not in x]
               for out in (logged_a, logged_b, r.stdout)]
     assert np.allclose(losses[0], losses[1], atol=1e-4) and np.allclose(losses[0], losses[2], atol=1e-4), losses
+
+
+def test_batch_flops_equal_a_hand_count(vpt_dir):
+    model, _, _ = vpt.from_pretrained(str(vpt_dir))
+    train.param_groups(model, train.parse_config(["--stage=finetune"]))  # ViT and DINOv2 frozen, the rest trained
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    ids[0, 3] = model.tokens.act
+    targets = torch.full((2, 10), IGNORE_INDEX)
+    targets[0, 5:8] = 1
+    targets[1, :2] = 1
+    batch = dict(input_ids=ids, padding_mask=torch.tensor([[1] * 10, [1] * 6 + [0] * 4]), targets=targets,
+                 image_grid_thw=torch.tensor([[1, 4, 4], [1, 2, 4]]), extra=torch.zeros(1, 3, 224, 224))
+    # the tiny checkpoint: LLM C 64, MLP 128, 4 heads of 16 (2 kv), 2 layers, vocabulary 512; ViT D 32, 2 blocks, MLP
+    # 128, merger 128 -> 64; DINOv2 128 wide, 2 layers, MLP 512, patch 14; projector 128 -> 64 and 64 -> 64
+    llm_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
+    llm = 6 * 2 * llm_layer * 16 + 12 * 2 * 64 * (10 ** 2 + 6 ** 2) + 6 * 64 * 512 * 5  # 16 tokens, 5 supervised
+    vit_per_patch = 32 * 1176 + 2 * (32 * 96 + 32 * 32 + 2 * 32 * 128)
+    vit = 2 * (vit_per_patch * 24 + 2 * 2 * 32 * (16 ** 2 + 8 ** 2) + (128 * 128 + 128 * 64) * 6)  # frozen: forward
+    dino = 2 * (128 * 3 * 14 * 14 * 256 + 2 * (4 * 128 * 128 + 2 * 128 * 512) * 257 + 2 * 2 * 128 * 257 ** 2)
+    projector = 4 * 128 * 64 * 256 + 6 * 64 * 64 * 1  # feature path: no gradient into the frozen DINOv2
+    assert train.batch_flops(model, batch) == llm + vit + dino + projector
+
+
+def test_logs_metrics_file_plot_and_baseline_eval(chat_dir, vpt_dir, uneven_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "base"
+    cfg = scale_cfg(chat_dir, uneven_dir / "two.jsonl", out, "--use_vpt=False", "--batch_size=1", "--max_iters=3",
+                    "--log_interval=2", "--eval_interval=2")
+    train.main(cfg)
+    printed = capsys.readouterr().out
+    assert "nan" not in printed and "perception-token" not in printed, printed  # the baseline has no such tokens
+    step = next(line for line in printed.splitlines() if line.startswith("step 2/3: loss"))
+    assert all(w in step for w in ("smoothed", "ms/step", "tokens/s", "ETA")), step
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "loss" in r, "val_loss" in r) for r in rows] == \
+        [(2, True, False), (2, False, True), (3, True, False), (3, False, True)], rows
+    assert rows[0]["flops_per_s"] > 0 and rows[2]["ms_per_step"] > 0
+    try:
+        import matplotlib  # noqa: F401 (optional: with it, a picture; without it, one sentence)
+        assert train.plot(str(out)) == str(out / "curves.png") and (out / "curves.png").stat().st_size > 0
+    except ImportError:
+        pass
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert train.plot(str(out)) is None and "pip install matplotlib" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        train.main(dataclasses.replace(cfg, wandb_project="p"))

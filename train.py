@@ -12,6 +12,7 @@ after resume and under any world size), evaluation and the loop. Citations as in
 """
 import ast
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -312,6 +313,65 @@ def to_device(batch, device):
 
 
 # -----------------------------------------------------------------------------
+# FLOPs: what a step actually computes, for MFU
+
+
+def matmul_weights(*modules):
+    """Multiply-adds per row of a module's Linear and Conv layers (a patch conv is a matmul over flattened patches)."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)
+    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, kinds))
+
+
+def trains(*modules):
+    return any(p.requires_grad for mod in modules for p in mod.parameters())
+
+
+def passes(trained, grad_in):
+    """FLOPs per multiply-add of a matmul in a training step: 2 forward, 2 more for the gradient of its input when
+    anything before it trains, 2 more for the gradient of its weights when they train (6 = the usual 6N)."""
+    return 2 + 2 * grad_in + 2 * trained
+
+
+def batch_flops(model, batch):
+    """FLOPs of one micro-batch's forward and backward, counted from what is processed: the LLM's weights (and the
+    attention scores, 4·L·d per token and key forward: the 12·L·T·d term of nanoGPT and PaLM, full T x T, not halved
+    for causality) per real token, lm_head per supervised token (logits are computed only there), the ViT per patch,
+    its merger per merged token, DINOv2 per re-encoded image (its 256 patches and CLS) and the projector per feature
+    row and control vector. The one-pass VPT forward computes each token once, so this is the count of the model's
+    own work; padding and the few header tokens of mask-modeled rows that it recomputes are not counted."""
+    cfg, llm = model.cfg, model.model
+    lengths = batch["padding_mask"].sum(1).double()  # (B,) real tokens per row
+    tokens, supervised = lengths.sum().item(), int((batch["targets"] != data.IGNORE_INDEX).sum())
+    f = passes(trains(llm.layers), True) * matmul_weights(llm.layers) * tokens
+    f += 3 * 4 * cfg.num_hidden_layers * cfg.hidden_size * (lengths ** 2).sum().item()  # attention: fwd + 2x bwd
+    f += passes(trains(model.lm_head), True) * matmul_weights(model.lm_head) * supervised
+    vit, v = model.visual, cfg.vision
+    grids = [g for g in (batch.get("image_grid_thw"),) if g is not None]
+    extra = batch.get("extra")
+    if isinstance(extra, tuple):  # clip: the re-encoded views run through the same ViT
+        grids.append(extra[1])
+    k = passes(trains(vit), trains(vit))  # pixels need no gradient: the ViT backpropagates only if it trains
+    for grid in grids:
+        patches = grid.prod(-1).double()  # (n,) patches per image; each attends to its own image only
+        f += k * (matmul_weights(vit.patch_embed, vit.blocks) * patches.sum().item()
+                  + 2 * v.depth * v.embed_dim * (patches ** 2).sum().item()
+                  + matmul_weights(vit.merger) * patches.sum().item() / v.spatial_merge_size ** 2)
+    if extra is None:
+        return f
+    proj = model.projector
+    if not isinstance(extra, tuple):  # DINOv2 and the projector's feature path (clip's features need neither)
+        dino, d = model.detection_model, model.detection_model.config
+        n, S = extra.size(0), (extra.size(-2) // d.patch_size) * (extra.size(-1) // d.patch_size)  # images, patches
+        k = passes(trains(dino), trains(dino))
+        f += k * n * (matmul_weights(dino.embeddings) * S + matmul_weights(dino.encoder) * (S + 1)
+                      + 2 * d.num_hidden_layers * d.hidden_size * (S + 1) ** 2)
+        f += passes(trains(proj.linear_feature), trains(dino)) * matmul_weights(proj.linear_feature) * n * S
+    controls = int((batch["input_ids"] == model.tokens.act).sum())  # one control vector each
+    f += passes(trains(proj.linear_condition), True) * matmul_weights(proj.linear_condition) * controls
+    return f
+
+
+# -----------------------------------------------------------------------------
 # processes, logging and evaluation
 
 
@@ -338,14 +398,61 @@ def log(*args):
         print(*args)
 
 
-def gpu_stats(model, tokens_per_s, world):
-    """The log line's GPU part: model flops utilisation and this process's peak memory."""
-    # forward + backward of the LLM: 6 flops per parameter and token (nanoGPT's estimate without the attention term;
-    # the vision encoders run on few rows and mostly frozen)
-    flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if n.startswith("model."))
-    peak = 989e12 * world  # H100 SXM dense bf16
-    return (f", MFU {flops_per_token * tokens_per_s / peak * 100:.1f}%, "
+PEAK_FLOPS = 989e12  # one H100 or H200 SXM, dense bf16
+
+
+def gpu_stats(flops_per_s, world):
+    """The log line's GPU part: model flops utilisation (batch_flops over the GPUs' peak) and this process's peak
+    memory."""
+    return (f", MFU {flops_per_s / (PEAK_FLOPS * world) * 100:.1f}%, "
             f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def duration(seconds):
+    """1h02m, 3m05s, 12s."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def append_metrics(out_dir, record):
+    """One JSON line per logged step or evaluation in out_dir/metrics.jsonl, what plot() draws."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot(out_dir):
+    """out_dir/metrics.jsonl -> out_dir/curves.png: training loss (raw and smoothed) with validation loss,
+    perception-token accuracy and learning rate against the step. A resumed run's steps logged twice keep the last."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plotting needs matplotlib, an optional dependency: pip install matplotlib")
+        return None
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    series = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                series.setdefault(k, {})[r["step"]] = v
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("loss", ["loss", "loss_smooth", "val_loss"]), ("perception-token accuracy", ["perception_acc"]),
+              ("learning rate", ["lr"])]
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            if k in series:
+                steps = sorted(series[k])
+                ax.plot(steps, [series[k][t] for t in steps], "o-" if k.startswith(("val", "perc")) else "-", label=k)
+        ax.set(title=title, xlabel="step")
+        if ax.lines:
+            ax.legend()
+    path = os.path.join(out_dir, "curves.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
 
 
 def supervised_tokens(batches, device):
@@ -437,21 +544,34 @@ def main(cfg):
 
     # --- the loop: evaluate and save every eval_interval steps and at the end; in between, optimizer steps
     if cfg.wandb_project and master:
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("wandb_project is set but wandb is not installed: pip install wandb") from None
         wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    if master and cfg.init_from != "resume":
+        open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a new run starts a new log; resume appends
     model.train()
-    dropped, t0, tokens_seen = 0, time.perf_counter(), 0
+    dropped, t0, last_logged, smooth = 0, time.perf_counter(), iter_num, None
+    seen = torch.zeros(2, dtype=torch.float64)  # this process's (tokens, flops) since the last log line
     while True:
         done = iter_num >= cfg.max_iters
         if done or (cfg.eval_interval and iter_num % cfg.eval_interval == 0 and iter_num > 0):
+            t_eval = time.perf_counter()  # evaluation and saving are left out of ms/step
             val_batches = loader(val_schedule, 0, cfg.eval_iters, collate, cfg.num_workers)
             val_loss, acc = evaluate(raw, val_batches, perception, ctx, device)
-            log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
+            has_acc = perception is not None and math.isfinite(acc)  # a plain Qwen2-VL has no perception tokens
+            log(f"step {iter_num}: val loss {val_loss:.4f}"
+                + (f", perception-token accuracy {acc:.3f}" if has_acc else ""))
             best_val = min(best_val, val_loss)
-            if master and cfg.wandb_project:
-                wandb.log({"val/loss": val_loss, "val/perception_acc": acc}, step=iter_num)
+            if master:
+                append_metrics(cfg.out_dir, dict(step=iter_num, val_loss=val_loss, **({"perception_acc": acc}
+                                                                                       if has_acc else {})))
+                if cfg.wandb_project:
+                    wandb.log({"val/loss": val_loss, **({"val/perception_acc": acc} if has_acc else {})}, step=iter_num)
             if master:
                 save_checkpoint(raw, tok, img_cfg, optimizer, iter_num, best_val, cfg)
+            t0 += time.perf_counter() - t_eval
         if done:
             break
         lr_scale = get_lr(iter_num, cfg)
@@ -473,8 +593,8 @@ def main(cfg):
                 else:
                     dropped += batch.pop("dropped")
                     batch["mask_modeling"] = mask_draw(batch, cfg, k)
+                    seen += torch.tensor([batch["padding_mask"].sum().item(), batch_flops(raw, batch)])
                     batch = to_device(batch, device)
-                    tokens_seen += int(batch["padding_mask"].sum())
                     with ctx:
                         _, loss = model(batch, batch["targets"])  # mean over the micro-batch's supervised tokens
                     loss_sum = loss * int((batch["targets"] != data.IGNORE_INDEX).sum())
@@ -486,20 +606,34 @@ def main(cfg):
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            seen = seen.to(device)
             if ddp:
                 dist.all_reduce(total)
-            total /= n_global  # the global per-token mean
-            tps = tokens_seen * world / (time.perf_counter() - t0)
-            line = f"step {iter_num}: loss {total.item():.4f}, lr {cfg.lr * lr_scale:.2e}, {tps:,.0f} tokens/s"
-            line += gpu_stats(raw, tps, world) if device.startswith("cuda") else ""
+                dist.all_reduce(seen)  # every process's tokens and flops
+            loss = total.item() / n_global  # the global per-token mean
+            smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss  # over logged steps
+            dt = time.perf_counter() - t0
+            ms = dt * 1000 / (iter_num - last_logged)
+            tps, flops_per_s = (seen / dt).tolist()
+            line = (f"step {iter_num}/{cfg.max_iters}: loss {loss:.4f}, smoothed {smooth:.4f}, lr "
+                    f"{cfg.lr * lr_scale:.2e}, {ms:.0f} ms/step, {tps:,.0f} tokens/s, "
+                    f"ETA {duration(ms / 1000 * (cfg.max_iters - iter_num))}")
+            line += gpu_stats(flops_per_s, world) if device.startswith("cuda") else ""
             log(line + (f", {dropped} samples over max_len dropped" if dropped else ""))
-            if master and cfg.wandb_project:
-                wandb.log({"train/loss": total.item(), "lr": cfg.lr * lr_scale, "tokens_per_s": tps}, step=iter_num)
-            t0, tokens_seen = time.perf_counter(), 0
+            if master:
+                record = dict(loss=loss, loss_smooth=smooth, lr=cfg.lr * lr_scale, ms_per_step=ms, tokens_per_s=tps,
+                              flops_per_s=flops_per_s)
+                append_metrics(cfg.out_dir, dict(step=iter_num, **record))
+                if cfg.wandb_project:
+                    wandb.log({f"train/{k}": v for k, v in record.items()}, step=iter_num)
+            t0, last_logged, seen = time.perf_counter(), iter_num, torch.zeros(2, dtype=torch.float64)
     if ddp:
         dist.destroy_process_group()
     return raw
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    if sys.argv[1:2] == ["--plot"]:  # python train.py --plot out_dir
+        plot(sys.argv[2])
+    else:
+        main(parse_config(sys.argv[1:]))
