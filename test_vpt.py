@@ -1402,3 +1402,55 @@ def test_logs_metrics_file_plot_and_baseline_eval(chat_dir, vpt_dir, uneven_dir,
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(SystemExit, match="pip install wandb"):
         train.main(dataclasses.replace(cfg, wandb_project="p"))
+
+
+def deep_tiny_vpt(vpt_dir, layers):
+    """The tiny VPT checkpoint's config and tokens with more decoder layers, freshly initialised."""
+    small, _, _ = vpt.from_pretrained(str(vpt_dir))
+    torch.manual_seed(0)
+    return vpt.VPT(dataclasses.replace(small.cfg, num_hidden_layers=layers), small.vcfg, small.tokens)
+
+
+def vpt_train_batch(vpt_dir, rows=(0, 2, 3), mask=(True, False, False)):
+    """A collated batch of the tiny records: control tokens (one mask-modeled), a plain answer."""
+    _, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    T = vpt.Tokens.of(tok)
+    ds = data.VPTDataset(str(vpt_dir / "records.jsonl"), tok, img_cfg, "dino", T.pad, T.act)
+    batch = data.collate([ds[i] for i in rows], tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
+    batch["mask_modeling"] = torch.tensor(mask)
+    return batch
+
+
+def test_compiled_layers_make_one_graph_per_pass_on_the_vpt_path(vpt_dir):
+    # 12 layers, the prefix and the suffix of the one-pass forward: one graph each, shared by every layer (a cache
+    # shared by all layers made dynamo guard on how many had written and recompile each layer until its limit of 8).
+    # backend aot_eager: dynamo's capture and guards and AOT autograd's forward/backward split, without inductor's
+    # minutes of CPU code generation (inductor gives the same 2 graphs)
+    from torch._dynamo.utils import counters
+    model, batch = deep_tiny_vpt(vpt_dir, 12), vpt_train_batch(vpt_dir)
+    _, eager = model(batch, batch["targets"])
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in model.model.layers:
+        layer.compile(backend="aot_eager")
+    for _ in range(2):  # a second step with the same shapes reuses both graphs
+        _, loss = model(batch, batch["targets"])
+        loss.backward()
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    print(f"12 layers x (prefix, suffix) x 2 steps: {graphs} graphs, {frames - graphs} recompiles beyond them, "
+          f"|compiled - eager| loss {(loss - eager).abs().item():.1e}")
+    assert graphs == 2 and frames == 2, dict(counters["stats"])
+    assert (loss - eager).abs().item() <= 1e-5
+    torch._dynamo.reset()
+
+
+def test_activation_checkpointing_on_the_vpt_path(vpt_dir):
+    # recomputing a layer in the backward pass updates its GradCache entry again: that must change nothing
+    model, batch = deep_tiny_vpt(vpt_dir, 2), vpt_train_batch(vpt_dir)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.model.checkpointing = checkpointing
+        model(batch, batch["targets"])[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
