@@ -31,6 +31,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 import data
 import encoders
+import lora
 import model as M
 import sample
 import synth
@@ -1454,3 +1455,31 @@ def test_activation_checkpointing_on_the_vpt_path(vpt_dir):
         model(batch, batch["targets"])[1].backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_lora_starts_at_the_base_model_and_saves_merged_weights(vpt_dir, tmp_path):
+    model, batch = vpt.from_pretrained(str(vpt_dir))[0], vpt_train_batch(vpt_dir)
+    with torch.no_grad():
+        base_logits = model(batch)[0]
+        lora.add_lora(model.model, 4, 8.0)
+        assert torch.equal(model(batch)[0], base_logits), "B = 0: LoRA must start at the base model exactly"
+    assert len(lora.lora_layers(model)) == 7 * model.cfg.num_hidden_layers  # q k v o gate up down of every layer
+    out = tmp_path / "lora"
+    trained = train.main(scale_cfg(vpt_dir, vpt_dir / "records.jsonl", out, "--lora_rank=4", "--stage=finetune",
+                                   "--lr=3e-2", "--batch_size=2"))
+    before = vpt.from_pretrained(str(vpt_dir))[0].state_dict()
+    changed = {n for n, p in trained.state_dict().items() if n in before and not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("model.embed_tokens.", "lm_head.", "detection_projector.")) for n in changed), \
+        changed
+    assert all(m.lora_B.abs().max() > 0 for _, m in lora.lora_layers(trained)), "the adapters trained"
+    merged, _, _ = vpt.from_pretrained(str(out))  # what sample.py loads: plain names, no adapters
+    with torch.no_grad():
+        diff = (trained(batch)[0] - merged(batch)[0]).abs().max().item()
+    print(f"LoRA merged vs unmerged logits: max diff {diff:.1e}")
+    assert diff <= 1e-5 and (out / lora.ADAPTERS).exists()
+    resumed = train.main(scale_cfg(vpt_dir, vpt_dir / "records.jsonl", out, "--lora_rank=4", "--stage=finetune",
+                                   "--lr=3e-2", "--batch_size=2", "--init_from=resume", "--max_iters=3"))
+    adapters = torch.load(out / lora.ADAPTERS, weights_only=True)
+    assert not torch.equal(adapters["model.layers.0.self_attn.q_proj.lora_B"],
+                           dict(trained.named_parameters())["model.layers.0.self_attn.q_proj.lora_B"])
+    assert resumed is not None

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import encoders
+import lora
 import model as M
 import vpt
 
@@ -54,6 +55,8 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader processes decoding images
     # optimization
     stage: str = "finetune"  # "align": projector feature path only; "finetune": all but the vision encoders; "all"
+    lora_rank: int = 0  # > 0: the LLM's Linear layers train through LoRA adapters of this rank (lora.py); finetune only
+    lora_alpha: float = 0.0  # LoRA scale alpha / rank; 0 = 2 * rank (LLaMA-Factory's default, the authors' 7B run)
     batch_size: int = 4  # micro-batch per process
     grad_accum: int = 1  # micro-batches per step and process: global batch = batch_size * grad_accum * world size
     max_iters: int = 1000
@@ -165,7 +168,9 @@ def param_groups(model, cfg):
     proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
     groups = {}
     for name, p in model.named_parameters():
-        if cfg.stage == "align":
+        if cfg.lora_rank:  # adapters, and fully the modules the authors' 7B run saves (modules_to_save)
+            p.requires_grad = ".lora_" in name or name.startswith((proj, "model.embed_tokens.", "lm_head."))
+        elif cfg.stage == "align":
             p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature"))
         elif cfg.stage == "finetune":
             p.requires_grad = not name.startswith(("visual.", "detection_model."))
@@ -194,7 +199,10 @@ def save_checkpoint(model, tok, img_cfg, optimizer, iter_num, best_val, cfg):
     train_state.pt (the step marker) last, so out_dir never holds a half-written file."""
     tmp = os.path.join(cfg.out_dir, ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    M.save_pretrained(model, tmp, model.hub_config())
+    with lora.merged(model):  # LoRA: the merged weights under the plain names, and the adapters beside them
+        M.save_pretrained(model, tmp, model.hub_config())
+    if cfg.lora_rank:
+        lora.save_adapters(model, tmp)
     tok.save(tmp)
     img_cfg.save(tmp)
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -316,14 +324,17 @@ def to_device(batch, device):
 # FLOPs: what a step actually computes, for MFU
 
 
+MATMULS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, lora.LoRALinear)
+
+
 def matmul_weights(*modules):
     """Multiply-adds per row of a module's Linear and Conv layers (a patch conv is a matmul over flattened patches)."""
-    kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)
-    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, kinds))
+    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, MATMULS))
 
 
 def trains(*modules):
-    return any(p.requires_grad for mod in modules for p in mod.parameters())
+    """Whether any of the modules' matmul weights train (LoRA adapters are counted apart)."""
+    return any(m.weight.requires_grad for mod in modules for m in mod.modules() if isinstance(m, MATMULS))
 
 
 def passes(trained, grad_in):
@@ -343,6 +354,7 @@ def batch_flops(model, batch):
     lengths = batch["padding_mask"].sum(1).double()  # (B,) real tokens per row
     tokens, supervised = lengths.sum().item(), int((batch["targets"] != data.IGNORE_INDEX).sum())
     f = passes(trains(llm.layers), True) * matmul_weights(llm.layers) * tokens
+    f += 6 * sum(m.lora_A.numel() + m.lora_B.numel() for _, m in lora.lora_layers(llm)) * tokens  # LoRA adapters
     f += 3 * 4 * cfg.num_hidden_layers * cfg.hidden_size * (lengths ** 2).sum().item()  # attention: fwd + 2x bwd
     f += passes(trains(model.lm_head), True) * matmul_weights(model.lm_head) * supervised
     vit, v = model.visual, cfg.vision
@@ -516,6 +528,12 @@ def main(cfg):
 
     # --- model and optimizer (on resume build() loads the model from out_dir, load_train_state the rest)
     model, tok, img_cfg = build(cfg)
+    if cfg.lora_rank:
+        if cfg.stage != "finetune":
+            raise ValueError(f"lora_rank applies to stage finetune, not {cfg.stage!r}")
+        lora.add_lora(model.model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
+        if cfg.init_from == "resume":
+            lora.load_adapters(model, cfg.out_dir)
     model.to(device)
     model.model.checkpointing = cfg.checkpointing
     groups = param_groups(model, cfg)
