@@ -1469,8 +1469,8 @@ def test_lora_starts_at_the_base_model_and_saves_merged_weights(vpt_dir, tmp_pat
                                    "--lr=3e-2", "--batch_size=2"))
     before = vpt.from_pretrained(str(vpt_dir))[0].state_dict()
     changed = {n for n, p in trained.state_dict().items() if n in before and not torch.equal(p, before[n])}
-    assert changed and all(n.startswith(("model.embed_tokens.", "lm_head.", "detection_projector.")) for n in changed), \
-        changed
+    trained_fully = ("model.embed_tokens.", "lm_head.", "detection_projector.")
+    assert changed and all(n.startswith(trained_fully) for n in changed), changed
     assert all(m.lora_B.abs().max() > 0 for _, m in lora.lora_layers(trained)), "the adapters trained"
     merged, _, _ = vpt.from_pretrained(str(out))  # what sample.py loads: plain names, no adapters
     with torch.no_grad():
