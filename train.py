@@ -348,8 +348,8 @@ def batch_flops(model, batch):
     attention scores, 4·L·d per token and key forward: the 12·L·T·d term of nanoGPT and PaLM, full T x T, not
     halved for causality) per real token, lm_head per supervised token (logits are computed only there), the ViT
     per patch, its merger per merged token, DINOv2 per re-encoded image (its 256 patches and CLS) and the projector
-    per feature row and control vector. The one-pass VPT forward computes each token once, so this is the count of the model's
-    own work; padding and the few header tokens of mask-modeled rows that it recomputes are not counted."""
+    per feature row and control vector. The one-pass VPT forward computes each token once, so this is the count of
+    the model's own work; padding and the few header tokens of mask-modeled rows that it recomputes are not counted."""
     cfg, llm = model.cfg, model.model
     lengths = batch["padding_mask"].sum(1).double()  # (B,) real tokens per row
     tokens, supervised = lengths.sum().item(), int((batch["targets"] != data.IGNORE_INDEX).sum())
