@@ -383,6 +383,26 @@ def batch_flops(model, batch):
     return f
 
 
+def memory_plan(model, B, T, supervised, act_bytes):
+    """Bytes per process for a micro-batch of B x T tokens, `supervised` of them with a target: the parameters, the
+    gradients and AdamW's two moments of the trained ones (in the parameters' dtype), and the activations autograd
+    keeps: per decoder layer and token the norms' inputs and outputs, q, the attention output and o_proj's input
+    (8 C), k and v (2 kv widths) and the MLP's four intermediates (4 I); with checkpointing only each layer's input
+    and one layer recomputed; the supervised logits and their log-softmax in fp32; the MLP's gradients in flight.
+    The vision encoders and DINOv2 are frozen in the authors' recipes and keep nothing for the backward pass."""
+    c = model.cfg
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    kv = 2 * c.num_key_value_heads * c.head_dim
+    layer = B * T * (8 * c.hidden_size + kv + 4 * c.intermediate_size) * act_bytes
+    if model.model.checkpointing:
+        saved = c.num_hidden_layers * B * T * c.hidden_size * act_bytes + layer
+    else:
+        saved = c.num_hidden_layers * layer
+    activations = saved + 2 * supervised * c.vocab_size * 4 + 3 * B * T * c.intermediate_size * act_bytes
+    return dict(parameters=params, gradients=trained, optimizer=2 * trained, activations=activations)
+
+
 # -----------------------------------------------------------------------------
 # processes, logging and evaluation
 
@@ -418,6 +438,23 @@ def gpu_stats(flops_per_s, world):
     memory."""
     return (f", MFU {flops_per_s / (PEAK_FLOPS * world) * 100:.1f}%, "
             f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def log_memory_plan(model, batch, cfg, device):
+    """Prints memory_plan for the run's first micro-batch and at max_len, so a run that cannot fit says so first."""
+    B, T = batch["input_ids"].shape
+    supervised = int((batch["targets"] != data.IGNORE_INDEX).sum())
+    act_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8 if device.startswith("cuda") else 4  # autocast
+    plan = memory_plan(model, B, T, supervised, act_bytes)
+    at_max = memory_plan(model, B, cfg.max_len, supervised * cfg.max_len // T, act_bytes)["activations"]
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    line = (f"memory plan per process: parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, "
+            f"AdamW state {gib(plan['optimizer'])}, activations {gib(plan['activations'])} for the first "
+            f"micro-batch ({B} x {T} tokens; {gib(at_max)} at {B} x max_len {cfg.max_len}): "
+            f"total {gib(sum(plan.values()))}")
+    if device.startswith("cuda"):
+        line += f" of {gib(torch.cuda.get_device_properties(device).total_memory)} on this GPU"
+    log(line)
 
 
 def duration(seconds):
@@ -559,6 +596,9 @@ def main(cfg):
     collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
     train_batches = loader(train_schedule, iter_num, cfg.max_iters, collate, cfg.num_workers)
     perception = torch.tensor(sorted(tokens.perception())) if tokens else None
+    first = collate([train_schedule.dataset[i] for i in train_schedule.global_batch(train_schedule.step(iter_num)[0])])
+    if first is not None:
+        log_memory_plan(raw, first, cfg, device)
 
     # --- the loop: evaluate and save every eval_interval steps and at the end; in between, optimizer steps
     if cfg.wandb_project and master:
