@@ -7,8 +7,9 @@ or DDP across GPUs and nodes with torchrun,
 Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value.
 This file owns the training config and its parser, the learning-rate schedule, building or resuming the model,
 parameter groups and stages (LoRA in lora.py), checkpoints with their resume state, the step-indexed data order (the
-same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging and the loop. Citations as in vpt.py: "VPT §n" is the paper
-(arXiv 2502.17425), file and key names are the authors' repository (github.com/yu-rp/VisualPerceptionToken).
+same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging and the loop.
+Citations as in vpt.py: "VPT §n" is the paper (arXiv 2502.17425), file and key names are the authors' repository
+(github.com/yu-rp/VisualPerceptionToken).
 """
 import ast
 import dataclasses
