@@ -2,7 +2,8 @@
 Benchmarks, each reported as a ratio against a baseline measured in the same run (transformers, or our slow path).
     python bench.py load [--preset qwen2-vl-2b]   load time and peak RSS of a random checkpoint of the real shape, bf16
     python bench.py vpt                           a region-selection answer: one continuous KV cache vs the authors'
-                                                  second round (a fresh prefill of the whole transcript), mid-size model
+                                                  second round (a fresh prefill of the whole transcript), mid-size
+                                                  model; then SAM-L's share of a re-encode answer's time
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse
@@ -71,18 +72,26 @@ def bench_load(preset):
               f"peak RSS {o['peak_rss_gib'] / t['peak_rss_gib']:.2f}x")
 
 
-def bench_vpt(answer_tokens=32, repeats=3):
-    torch.manual_seed(0)
+def mid_model(encoder="dino"):
+    """A random mid-size VPT model (50M parameters; the sam variant adds SAM-L's real shape) with a small trained
+    tokenizer."""
     with tempfile.TemporaryDirectory() as d:
         tok = data.train_tokenizer(["What number is on the red triangle?", "Now answer the question. Seven."], 300, d)
-    tokens = vpt.add_tokens(tok, "dino")
+    tokens = vpt.add_tokens(tok, encoder)
     cfg = M.QwenConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                        num_attention_heads=8, num_key_value_heads=4, mrope_section=(8, 12, 12),
                        image_token_id=tok.image_pad_id, vision_start_token_id=tok.vision_start_id,
                        vision_end_token_id=tok.vision_end_id, vision=dict(depth=6, embed_dim=384, num_heads=6,
                                                                           hidden_size=512))
-    vcfg = vpt.VPTConfig(dino=encoders.DinoConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6))
-    model = vpt.VPT(cfg, vcfg, tokens).eval()
+    vcfg = vpt.VPTConfig(encoder=encoder,
+                         dino=encoders.DinoConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6))
+    return vpt.VPT(cfg, vcfg, tokens).eval(), tok
+
+
+def bench_vpt(answer_tokens=32, repeats=3):
+    torch.manual_seed(0)
+    model, tok = mid_model("dino")
+    vcfg = model.vcfg
     n = sum(p.numel() for p in model.parameters())
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
     img_cfg = data.ImageConfig()
@@ -122,6 +131,27 @@ def bench_vpt(answer_tokens=32, repeats=3):
           f"{s.rounds[0].box}, {answer_tokens} answer tokens, CPU, best of {repeats}")
     print(f"continuous cache: {a:.3f} s; re-prefill for round two: {b:.3f} s; ratio {a / b:.2f}x; "
           f"same answer tokens: {same}")
+    bench_sam_share(image, q, answer_tokens)
+
+
+def bench_sam_share(image, q, answer_tokens):
+    """One re-encode answer of the same model with SAM-L's real shape (random weights, 1024 px) as its re-encoder:
+    the share of the answer's time that SAM's image encoder takes. One run: SAM-L alone is minutes on a small CPU."""
+    torch.manual_seed(0)
+    model, tok = mid_model("sam")  # SamConfig's defaults are sam-vit-large's
+    n_sam = sum(p.numel() for p in model.seg_model.parameters())
+    spent = []
+    model.seg_model.register_forward_pre_hook(lambda m, args: spent.append(-time.perf_counter()))
+    model.seg_model.register_forward_hook(lambda m, args, out: spent.append(spent.pop() + time.perf_counter()))
+    s = vpt.Sampler(model, tok, data.ImageConfig(), "reencode", max_new_tokens=1 + answer_tokens)
+    s.stop = set()  # a fixed answer length, as above
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        list(s.generate(image, q))
+        total = time.perf_counter() - t0
+    print(f"re-encode answer with SAM-L ({n_sam / 1e6:.0f} M parameters, random, 1024 px) on the same LLM, "
+          f"{answer_tokens} answer tokens, CPU, one run: {total:.2f} s, of which SAM {spent[0]:.2f} s "
+          f"({100 * spent[0] / total:.0f} %)")
 
 
 def main(argv=None):

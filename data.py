@@ -1,11 +1,12 @@
 """
 Everything between raw inputs and model-ready batches: loading images, the Qwen2-VL image preprocessing (smart
-resize, normalise, patchify into pixel_values + image_grid_thw) and the DINOv2 one, a thin wrapper over the
+resize, normalise, patchify into pixel_values + image_grid_thw), the DINOv2 and SAM ones, a thin wrapper over the
 byte-level BPE tokenizer.json, the Qwen2-VL chat template with assistant-only labels, the VPT record files, the
 dataset that turns records into samples, and collation into batches. Preprocessing and the template mirror
-transformers 5.23 (Qwen2VLImageProcessorPil, BitImageProcessorPil, the Hub chat_template) bit for bit, and the tests
-hold them to that; where the VPT authors' LLaMA-Factory fork does more (the long-side limit, crops, labels) the
-function says which of theirs it mirrors. transformers itself is never imported here. The synthetic set is synth.py.
+transformers 5.23 (Qwen2VLImageProcessorPil, BitImageProcessorPil, SamImageProcessorPil, the Hub chat_template) bit
+for bit, and the tests hold them to that; where the VPT authors' LLaMA-Factory fork does more (the long-side limit,
+crops, labels) the function says which of theirs it mirrors. transformers itself is never imported here. The
+synthetic set is synth.py.
 Shape letters: H, W pixels; C colour channels (3); T temporal patch (2 copies of a still image); p patch size (14);
 m merge size (2); gh, gw patch grid (H/p, W/p); Np patches in an image (gh*gw). In collate: B batch, T tokens.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
@@ -175,6 +177,29 @@ def process_dino_image(img: Image.Image, max_side: int = 512) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
     return (x - mean) / std  # image_transforms.normalize, in float32
+
+
+# SAM preprocessing, as the VPT authors ran it (the same plugin: the long-side limit at 1024, then
+# facebook/sam-vit-large's SamImageProcessor)
+
+SAM_SIZE = 1024  # sam-vit-* preprocessor_config: size.longest_edge and pad_size, SAM's one input size
+
+
+def process_sam_image(img: Image.Image, max_side: int = SAM_SIZE) -> torch.Tensor:
+    """PIL image -> (3, 1024, 1024) float32 pixel values for SamVisionEncoder: the image fills the top-left corner,
+    zeros elsewhere."""
+    img = load_image(limit_side(img, max_side))  # RGB, transparency on white (transformers' convert_to_rgb)
+    # mirrors SamImageProcessorPil._get_preprocess_shape: the long side becomes exactly 1024 (a small image is
+    # upscaled) and the short side is rounded, where DINOv2's processor truncates
+    w, h = img.size
+    scale = SAM_SIZE / max(w, h)
+    img = img.resize((int(w * scale + 0.5), int(h * scale + 0.5)), resample=Image.BILINEAR)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, h, w) uint8
+    x = (x.double() * (1 / 255)).float()  # image_transforms.rescale: multiply in float64, then cast
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    x = (x - mean) / std  # image_transforms.normalize, in float32
+    return F.pad(x, (0, SAM_SIZE - x.shape[2], 0, SAM_SIZE - x.shape[1]))  # zeros after normalising (PilBackend.pad)
 
 
 # -----------------------------------------------------------------------------
@@ -344,8 +369,10 @@ def next_turn(tok, content, image_tokens=None, extra=None) -> list[int]:
 # the VPT datasets (rp-yu/VPT_Datasets records; the authors' LLaMA-Factory/data/dataset_info.json maps their columns)
 
 DINO_TOKENS = (DINO_CROP // 14) ** 2  # 256: the 16 x 16 patches of a 224 px crop
-# the extra placeholders: the DINOv2 view (always 256 tokens) and the clip view (as many as the image gives)
-EXTRA_PLACEHOLDERS = {"dino": ("<detection_image>", "detection_images"), "clip": ("<clip_image>", "clip_images")}
+SAM_TOKENS = (SAM_SIZE // 16 // 4) ** 2  # 256: SAM's 64 x 64 map of 16 px patches through the projector's stride 4
+# the extra placeholders: the DINOv2 and SAM views (always 256 tokens) and the clip view (as many as the image gives)
+EXTRA_PLACEHOLDERS = {"dino": ("<detection_image>", "detection_images"), "clip": ("<clip_image>", "clip_images"),
+                      "sam": ("<seg_image>", "seg_images")}
 # what a VPT answer starts with after its perception round (the authors' evaluation/evaluation.py strips it from
 # every ground truth)
 ANSWER_PREFIX = "Now answer the question.\n"
@@ -412,13 +439,14 @@ class VPTDataset:
     def length_estimate(self, i):
         """A cheap stand-in for a sample's token count, to group similar lengths into batches (no image is opened):
         characters of text (about one token each in short answers), the most tokens an image can get, and 256 per
-        DINOv2 view."""
+        DINOv2 or SAM view."""
         r = self.records[i]
         pixels = min(self.img_cfg.max_pixels, self.max_side ** 2)
         per_image = pixels // (self.img_cfg.patch_size * self.img_cfg.merge_size) ** 2
         n_images = len(r.get("images") or []) + len(r.get("clip_images") or [])
         n_text = sum(len(m["content"]) for m in r["messages"])
-        return n_text + per_image * n_images + DINO_TOKENS * len(r.get("detection_images") or [])
+        n_fixed = DINO_TOKENS * len(r.get("detection_images") or []) + SAM_TOKENS * len(r.get("seg_images") or [])
+        return n_text + per_image * n_images + n_fixed
 
     def __getitem__(self, i):
         r = self.records[i]
@@ -428,10 +456,14 @@ class VPTDataset:
             extra, extra_spec = None, None
             if self.encoder is not None:
                 ph, key = EXTRA_PLACEHOLDERS[self.encoder]
-                views = [open_image(ref, self.base, self.max_side) for ref in r.get(key) or []]
+                side = SAM_SIZE if self.encoder == "sam" else self.max_side  # SAM's view: long side up to 1024
+                views = [open_image(ref, self.base, side) for ref in r.get(key) or []]
                 if views and self.encoder == "dino":
                     extra = torch.stack([process_dino_image(v, self.max_side) for v in views])  # (N, 3, 224, 224)
                     extra_spec = {ph: (self.pad, [DINO_TOKENS] * len(views))}
+                elif views and self.encoder == "sam":
+                    extra = torch.stack([process_sam_image(v) for v in views])  # (N, 3, 1024, 1024)
+                    extra_spec = {ph: (self.pad, [SAM_TOKENS] * len(views))}
                 elif views:
                     extra = process_images(views, self.img_cfg)  # (pixel_values, image_grid_thw)
                     counts = image_token_counts(extra[1], self.img_cfg.merge_size).tolist()
@@ -481,7 +513,8 @@ def _cat(tensors):
 
 
 def _n_views(extra) -> int:
-    """Re-encoded images in a sample's extra: DINOv2 pixels (N, 3, 224, 224), or a clip (pixel_values, grid) pair."""
+    """Re-encoded images in a sample's extra: DINOv2 or SAM pixels (N, 3, H, W), or a clip (pixel_values, grid)
+    pair."""
     if extra is None:
         return 0
     return len(extra[1]) if isinstance(extra, tuple) else len(extra)

@@ -1,10 +1,11 @@
 """
-Extra vision encoders for VPT's re-encoding branch, beside Qwen2-VL's own ViT: DINOv2 now (VPT-Det), SAM next.
-Module names equal the Hub checkpoint keys (facebook/dinov2-*: embeddings.*, encoder.layer.N.*, layernorm.*), so
-loading is an identity copy.
+Extra vision encoders for VPT's re-encoding branch, beside Qwen2-VL's own ViT: DINOv2 (VPT-Det) and SAM's image
+encoder (VPT-Seg). Module names equal the Hub checkpoint keys (facebook/dinov2-*: embeddings.*, encoder.layer.N.*,
+layernorm.*; facebook/sam-vit-*: vision_encoder.{patch_embed, pos_embed, layers.N, neck}.*), so loading is an
+identity copy.
 
 Shape legend: B batch, T tokens (the CLS token plus the Np patches), C width, nh heads, hs head size,
-gh x gw patch grid, H x W pixels.
+gh x gw patch grid, H x W pixels, w window side, nw windows, Co SAM's output channels.
 """
 import math
 from dataclasses import dataclass, fields
@@ -201,4 +202,215 @@ def dino_from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = Dinov2Model(DinoConfig.from_hf(d))
     load_state_dict_strict(model, read_weights(path), dtype, device)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# SAM's image encoder (facebook/sam-vit-*), frozen: a plain ViT with windowed and global attention, decomposed
+# relative positions and a convolutional neck; mirrors transformers 5.23 models/sam/modeling_sam.py SamVisionEncoder
+
+
+@dataclass
+class SamConfig:  # defaults: facebook/sam-vit-large's vision_config
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16  # head size 64
+    mlp_dim: int = 4096
+    patch_size: int = 16
+    image_size: int = 1024  # the processor pads every image to this square: a 64x64 grid
+    window_size: int = 14  # the 64x64 grid is zero-padded to 70x70 in windowed blocks
+    global_attn_indexes: tuple = (5, 11, 17, 23)  # blocks that attend over the whole grid
+    output_channels: int = 256  # the neck's width, what VPT's projector reads
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+
+    def __post_init__(self):
+        self.global_attn_indexes = tuple(self.global_attn_indexes)  # a list after a round trip through JSON
+        assert self.hidden_size % self.num_attention_heads == 0, "hidden_size must split evenly into heads"
+        assert self.image_size % self.patch_size == 0, "the position table must cover a whole patch grid"
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "SamConfig":
+        """From a facebook/sam-vit-* config.json dict (its vision_config), with SamVisionConfig's defaults (those of
+        sam-vit-base, not ours) for the fields a file leaves out."""
+        v = d.get("vision_config", d)
+        hf = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=16, image_size=1024,
+                  window_size=14, global_attn_indexes=(2, 5, 8, 11), output_channels=256, layer_norm_eps=1e-6,
+                  num_channels=3)
+        hf.update({k: v[k] for k in hf if k in v})
+        hf["mlp_dim"] = v.get("mlp_dim") or int(hf["hidden_size"] * v.get("mlp_ratio", 4.0))
+        # the fixed parts of the architecture, which the Hub files all share
+        fixed = dict(hidden_act="gelu", qkv_bias=True, use_abs_pos=True, use_rel_pos=True)
+        wrong = {k: v[k] for k, want in fixed.items() if v.get(k, want) != want}
+        assert not wrong, f"unsupported SAM vision config values {wrong}"
+        return cls(**hf)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "") -> "SamConfig":
+        """Infer the config from tensor shapes: the authors' VPT-Seg config.json holds none."""
+        hidden_size, num_channels, patch_size, _ = sd[prefix + "patch_embed.projection.weight"].shape
+        grid = sd[prefix + "pos_embed"].shape[1]  # (1, gh, gw, C)
+        layer_prefix = prefix + "layers."
+        num_layers = len({k[len(layer_prefix):].split(".")[0] for k in sd if k.startswith(layer_prefix)})
+        # the relative-position tables have 2s-1 rows for a block that attends over s x s tokens: the grid for a
+        # global block, the window for a windowed one
+        rows = [sd[f"{layer_prefix}{i}.attn.rel_pos_h"].shape[0] for i in range(num_layers)]
+        head_size = sd[layer_prefix + "0.attn.rel_pos_h"].shape[1]
+        windows = {(r + 1) // 2 for r in rows if r != 2 * grid - 1}
+        assert len(windows) <= 1, f"blocks with different window sizes {sorted(windows)}"
+        return cls(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_size,
+                   mlp_dim=sd[layer_prefix + "0.mlp.lin1.weight"].shape[0], patch_size=patch_size,
+                   image_size=grid * patch_size, window_size=windows.pop() if windows else cls.window_size,
+                   global_attn_indexes=tuple(i for i, r in enumerate(rows) if r == 2 * grid - 1),
+                   output_channels=sd[prefix + "neck.conv1.weight"].shape[0], num_channels=num_channels)
+
+
+SAM_PRESETS = {
+    "sam-vit-large": dict(),
+    # CPU-sized, for tests and quick starts: one windowed and one global block at the real 1024 px input
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, global_attn_indexes=(1,),
+                 output_channels=32),
+}
+
+
+class SamVisionAttention(nn.Module):
+    """Multi-head self-attention over an s x s block of tokens (a window, or the whole grid), with the decomposed
+    relative position terms of MViTv2: the logit of query (qy, qx) and key (ky, kx) gains q.Rh[qy-ky] + q.Rw[qx-kx]."""
+
+    def __init__(self, config: SamConfig, size: int):
+        super().__init__()
+        C, self.n_head = config.hidden_size, config.num_attention_heads
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, C // self.n_head))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, C // self.n_head))
+
+    @staticmethod
+    def rel_pos(size: int, table: torch.Tensor) -> torch.Tensor:
+        """(s, s, hs): the table row of each (query, key) offset. transformers' get_rel_pos interpolates the table to
+        2s-1 rows first, an identity at the size it was trained for, the only size used here."""
+        assert table.shape[0] == 2 * size - 1, f"a relative position table of {table.shape[0]} rows for {size} tokens"
+        offsets = torch.arange(size)[:, None] - torch.arange(size)[None, :] + size - 1  # (s, s) in [0, 2s-2]
+        return table[offsets.to(table.device)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, gh, gw, C = x.shape  # B counts windows in a windowed block
+        hs = C // self.n_head
+        qkv = self.qkv(x).reshape(B, gh * gw, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, gh*gw, hs)
+        q, k, v = qkv.unbind(0)  # (B, nh, gh*gw, hs)
+        # mirrors SamVisionAttention.get_decomposed_rel_pos: a bias (B, nh, gh, gw, gh, gw) added to the logits
+        r = q.reshape(B, self.n_head, gh, gw, hs)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r, self.rel_pos(gh, self.rel_pos_h))  # (B, nh, gh, gw, gh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r, self.rel_pos(gw, self.rel_pos_w))  # (B, nh, gh, gw, gw)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.n_head, gh * gw, gh * gw)
+        # transformers' eager path takes the softmax in float32; SDPA does that internally for half inputs
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # scale hs^-0.5
+        y = y.transpose(1, 2).reshape(B, gh, gw, C)  # (B, gh, gw, C)
+        return self.proj(y)
+
+
+class SamMLPBlock(nn.Module):
+    def __init__(self, config: SamConfig):
+        super().__init__()
+        self.lin1 = nn.Linear(config.hidden_size, config.mlp_dim)
+        self.lin2 = nn.Linear(config.mlp_dim, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(F.gelu(self.lin1(x)))  # exact (erf) GELU
+
+
+class SamVisionLayer(nn.Module):
+    """Pre-norm ViT block. A windowed block (window_size > 0) zero-pads the grid to whole windows after layer_norm1
+    and attends within each window, padding included (no mask, as in SamVisionLayer.window_partition)."""
+
+    def __init__(self, config: SamConfig, window_size: int):
+        super().__init__()
+        self.window_size = window_size
+        grid = config.image_size // config.patch_size
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = SamVisionAttention(config, window_size or grid)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SamMLPBlock(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, gh, gw, C = x.shape
+        h, w = self.layer_norm1(x), self.window_size
+        if w == 0:
+            h = self.attn(h)
+        else:
+            ph, pw = -gh % w, -gw % w
+            h = F.pad(h, (0, 0, 0, pw, 0, ph))  # (B, gh+ph, gw+pw, C): zeros at the bottom and right
+            Hp, Wp = gh + ph, gw + pw
+            h = h.reshape(B, Hp // w, w, Wp // w, w, C).transpose(2, 3).reshape(-1, w, w, C)  # (B*nw, w, w, C)
+            h = self.attn(h)
+            h = h.reshape(B, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(B, Hp, Wp, C)[:, :gh, :gw]
+        x = x + h
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SamChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (SamLayerNorm with data_format="channels_first")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SamVisionNeck(nn.Module):
+    def __init__(self, config: SamConfig):
+        super().__init__()
+        C, Co = config.hidden_size, config.output_channels
+        self.conv1 = nn.Conv2d(C, Co, kernel_size=1, bias=False)
+        self.layer_norm1 = SamChannelNorm(Co, eps=1e-6)
+        self.conv2 = nn.Conv2d(Co, Co, kernel_size=3, padding=1, bias=False)
+        self.layer_norm2 = SamChannelNorm(Co, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm1(self.conv1(x.permute(0, 3, 1, 2)))  # (B, Co, gh, gw)
+        return self.layer_norm2(self.conv2(x))
+
+
+class SamVisionEncoder(nn.Module):
+    def __init__(self, config: SamConfig):
+        super().__init__()
+        self.config = config
+        C, p, grid = config.hidden_size, config.patch_size, config.image_size // config.patch_size
+        self.patch_embed = nn.ModuleDict({"projection": nn.Conv2d(config.num_channels, C, p, stride=p)})
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, C))  # absolute, at the one input size
+        self.layers = nn.ModuleList(
+            SamVisionLayer(config, 0 if i in config.global_attn_indexes else config.window_size)
+            for i in range(config.num_hidden_layers))
+        self.neck = SamVisionNeck(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, image_size, image_size) -> image embeddings (B, Co, gh, gw): (N, 256, 64, 64) for SAM-L at 1024."""
+        size = self.config.image_size
+        assert pixel_values.shape[-2:] == (size, size), f"SAM takes {size}x{size} pixels (padded), not " \
+                                                        f"{tuple(pixel_values.shape[-2:])}"
+        proj = self.patch_embed.projection
+        x = proj(pixel_values.to(proj.weight.dtype)).permute(0, 2, 3, 1)  # (B, gh, gw, C)
+        x = x + self.pos_embed
+        for layer in self.layers:
+            x = layer(x)
+        return self.neck(x)
+
+
+# a full SAM checkpoint holds the prompt encoder and mask decoder too: VPT reads the image embeddings only
+SAM_UNUSED = ("prompt_encoder.", "mask_decoder.", "shared_image_embedding.")
+
+
+def sam_vision_weights(sd: dict) -> dict:
+    """The vision encoder's tensors of a SamModel (or SamVisionModel) checkpoint, without their vision_encoder.
+    prefix; the prompt encoder's and mask decoder's are skipped by name, any other key is an error."""
+    unknown = sorted(k for k in sd if not k.startswith(("vision_encoder.", *SAM_UNUSED)))
+    if unknown:
+        raise KeyError(f"not a facebook/sam-vit-* checkpoint: unexpected keys {', '.join(unknown[:8])}")
+    return {k[len("vision_encoder."):]: v for k, v in sd.items() if k.startswith("vision_encoder.")}
+
+
+def sam_from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
+    """SAM's image encoder from a facebook/sam-vit-* directory or Hub id (config.json + model.safetensors)."""
+    path, d = open_checkpoint(path_or_id)
+    with torch.device("meta"):
+        model = SamVisionEncoder(SamConfig.from_hf(d))
+    load_state_dict_strict(model, sam_vision_weights(read_weights(path)), dtype, device)
     return model.eval()

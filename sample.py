@@ -1,11 +1,15 @@
 """
-Ask a model a question about images; the answer streams to stdout, perception tokens and timings go to stderr.
-    python sample.py      # no arguments: the shipped synthetic VPT model (assets/synth) on assets/demo.png, offline
+Ask a model a question about images; the answer streams to stdout, the question, perception tokens and timings go
+to stderr.
+    python sample.py      # the shipped synthetic VPT model (assets/synth) on assets/demo.png, offline
+    python sample.py --prompt "What number is on the red circle?"       # the same model and image, another question
     python sample.py --init_from Qwen/Qwen2-VL-2B-Instruct --image photo.jpg --prompt "What is in this image?"
     python sample.py --init_from rp-yu/Qwen2-VL-2b-VPT-Det --image photo.jpg --prompt "..." --vpt region \\
         --save_viz out.png
-A VPT checkpoint (model_type qwen2_vl_vpt) answers through vpt.Sampler: with --vpt free it decides itself whether
-to select a region or re-encode the image, region/reencode force that path, off answers directly.
+Without --init_from the model is the demo's, without --image the image is; the demo image's question and
+demo_region.png are the defaults for the demo image only. A VPT checkpoint (model_type qwen2_vl_vpt) answers
+through vpt.Sampler: with --vpt free it decides itself whether to select a region or re-encode the image,
+region/reencode force that path, off answers directly.
 """
 import argparse
 import os
@@ -13,7 +17,7 @@ import sys
 import time
 
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import model as M
@@ -23,17 +27,20 @@ import vpt
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 # assets/demo.png is synth.make_scene(random.Random(2033), "shapes")
 DEMO_QUESTION = "What number is on the green square?"
-# the no-argument demo: the quick start's model, trained by config/synth.py and shipped in bfloat16 (~6 MB)
-DEMO = ["--init_from", os.path.join(ASSETS, "synth"), "--image", os.path.join(ASSETS, "demo.png"),
-        "--prompt", DEMO_QUESTION, "--max_new_tokens", "32", "--save_viz", "demo_region.png"]
+# the defaults: the quick start's model, trained by config/synth.py and shipped in bfloat16 (~6 MB), and its scene
+DEMO_MODEL, DEMO_IMAGE, DEMO_VIZ = os.path.join(ASSETS, "synth"), os.path.join(ASSETS, "demo.png"), "demo_region.png"
+VIZ_SIDE = 448  # the drawing's long side at least, in whole multiples of the image (NEAREST keeps its pixels sharp)
 
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", default="Qwen/Qwen2-VL-2B-Instruct", help="checkpoint directory or Hub id")
-    p.add_argument("--image", action="append", default=[], help="image path; repeat for several images")
-    p.add_argument("--prompt", default="Describe this image.")
+    p.add_argument("--init_from", default=DEMO_MODEL,
+                   help="checkpoint directory or Hub id, e.g. Qwen/Qwen2-VL-2B-Instruct (default: the demo model)")
+    p.add_argument("--image", action="append", default=[],
+                   help="image path; repeat for several images (default: the demo image)")
+    p.add_argument("--prompt", default=None,
+                   help=f"the question (default: {DEMO_QUESTION!r} for the demo image, else 'Describe this image.')")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)
@@ -44,25 +51,45 @@ def parse_args(argv=None):
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only)")
     p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer")
-    p.add_argument("--save_viz", default=None, help="write the image with the selected regions drawn in red")
+    p.add_argument("--save_viz", default=None, help="write the image enlarged, with the selected regions boxed in "
+                   f"red and the question and answer under it (default: {DEMO_VIZ} for the demo image)")
     p.add_argument("--eval", default=None, help="a records file (.jsonl): exact-match accuracy and perception use")
-    return p.parse_args(argv or DEMO)
+    args = p.parse_args(argv)
+    if not args.image:
+        args.image = [DEMO_IMAGE]
+    demo = args.image == [DEMO_IMAGE]
+    if args.prompt is None:
+        args.prompt = DEMO_QUESTION if demo else "Describe this image."
+    if args.save_viz is None and demo and not args.eval:
+        args.save_viz = DEMO_VIZ
+    return args
 
 
 class Streamer:
     """Prints the decoded text as it grows. Decodes the whole answer each time and prints the new suffix, holding
-    back a trailing partial UTF-8 character (byte-level BPE can split one across tokens)."""
+    back a trailing partial UTF-8 character (byte-level BPE can split one across tokens) and, while the text could
+    still be it, the authors' "Now answer the question." line that a VPT answer starts with after its perception
+    round (data.ANSWER_PREFIX), which is dropped: stdout gets the answer alone."""
 
     def __init__(self, tok):
         self.tok, self.ids, self.printed = tok, [], 0
 
+    def text(self):
+        return self.tok.decode(self.ids).removeprefix(data.ANSWER_PREFIX)
+
     def put(self, token_id):
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):
+        text = self.text()
+        if not text.endswith("\ufffd") and not data.ANSWER_PREFIX.startswith(text):
             sys.stdout.write(text[self.printed:])
             sys.stdout.flush()
             self.printed = len(text)
+
+    def close(self):
+        """Prints what was held back (an answer that stopped inside the prefix or a partial character)."""
+        text = self.text()
+        sys.stdout.write(text[self.printed:] + "\n")
+        self.printed = len(text)
 
 
 def main(argv=None):
@@ -99,8 +126,8 @@ def answer_vpt(args, path, dtype, gen):
     model, tok, img_cfg = vpt.from_pretrained(path, dtype=dtype, device=args.device)
     sampler = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, gen)
-    stop = tok.stop_ids
-    ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, stop, None, sampler)
+    print(f"question: {args.prompt}", file=sys.stderr)
+    ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, tok.stop_ids, None, sampler)
     for r in sampler.rounds:
         if r.kind == "region":
             print(f"region: x cells {r.cells[0]}, y cells {r.cells[1]} -> box {r.box} on the "
@@ -108,15 +135,29 @@ def answer_vpt(args, path, dtype, gen):
         else:
             print(f"re-encode: {model.vcfg.encoder} features conditioned on the control vector", file=sys.stderr)
     if args.save_viz:
-        img = sampler.original.copy()
-        draw = ImageDraw.Draw(img)
-        for r in sampler.rounds:
-            if r.box:
-                draw.rectangle([r.box[0], r.box[1], r.box[2] - 1, r.box[3] - 1], outline=(255, 0, 0),
-                               width=max(2, img.width // 150))
-        img.save(args.save_viz)
+        answer = tok.decode(ids).removeprefix(data.ANSWER_PREFIX).strip()
+        draw_answer(sampler.original, [r.box for r in sampler.rounds if r.box], args.prompt, answer).save(args.save_viz)
         print(f"wrote {args.save_viz}", file=sys.stderr)
     return ids
+
+
+def draw_answer(image, boxes, question, answer):
+    """The image enlarged by a whole factor to a long side of VIZ_SIDE or more, each box (x1, y1, x2, y2 in the
+    original's pixels, x2/y2 exclusive) outlined in red, and the question and answer in a band under it."""
+    scale = max(1, -(-VIZ_SIDE // max(image.size)))  # ceil
+    big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    font = ImageFont.load_default(size=VIZ_SIDE // 24)  # Pillow's bundled font: no system font needed
+    lines = [f"Q: {question}", f"A: {answer}"]
+    line_h = font.getbbox("Ag")[3] + 6
+    out = Image.new("RGB", (big.width, big.height + line_h * len(lines) + 8), "white")
+    out.paste(big)
+    draw = ImageDraw.Draw(out)
+    for x1, y1, x2, y2 in boxes:
+        draw.rectangle([x1 * scale, y1 * scale, x2 * scale - 1, y2 * scale - 1], outline=(255, 0, 0),
+                       width=max(2, big.width // 150))
+    for i, line in enumerate(lines):
+        draw.text((6, big.height + 4 + i * line_h), line, fill="black", font=font)
+    return out
 
 
 def box_overlap(pred, gt):
@@ -183,10 +224,11 @@ def evaluate(args, path, is_vpt, dtype, gen):
 
 def answer_tokens(sampler, image, prompt, tok):
     """The sampler's tokens minus the perception tokens, which go to stderr as they come."""
-    perception = sampler.model.tokens.perception()
+    T = sampler.model.tokens
+    perception = T.perception()
     for t in sampler.generate(image, prompt):
-        if t in perception:
-            print(tok.decode([t]), end="", file=sys.stderr, flush=True)
+        if t in perception:  # a group's closing token ends its line
+            print(tok.decode([t]), end="\n" if t in (T.region_end, T.act_end) else "", file=sys.stderr, flush=True)
         else:
             yield t
 
@@ -202,7 +244,7 @@ def stream(tokens, tok, stop, prompt_len, sampler=None):
         if t in stop:
             break
         streamer.put(t)
-    print()
+    streamer.close()
     steps = len(times) - 1
     rate = f"{steps / (times[-1] - times[0]):.1f} tokens/s" if steps > 0 else "n/a"
     n = prompt_len if prompt_len is not None else sampler.prompt_len

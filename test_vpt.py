@@ -24,9 +24,12 @@ from tokenizers import models
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import Dinov2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers import Dinov2Model as HFDinov2Model
+from transformers import SamConfig as HFSamConfig
+from transformers import SamModel
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 from transformers.utils.chat_template_utils import render_jinja_template
 
 import data
@@ -1199,9 +1202,23 @@ def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, ca
     x1, y1, x2, y2 = vpt.cells_to_box(xs, ys, synth.CANVAS, synth.CANVAS, synth.GRID, synth.MARGIN)
     chosen, = [s for s in shapes if vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) ==
                (xs[0], ys[0], xs[-1], ys[-1])]
-    assert out.strip().removeprefix(data.ANSWER_PREFIX.strip()).strip() == chosen["digit"], (out, chosen)
+    assert out == chosen["digit"] + "\n", f"stdout must hold the answer alone: {out!r} ({chosen})"
+    assert f"question: {sample.DEMO_QUESTION}" in err, "the question is shown on stderr"
     viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)
-    assert (viz[y1, x1:x2] == (255, 0, 0)).all() and (viz[y2 - 1, x1:x2] == (255, 0, 0)).all(), "region drawn in red"
+    s = viz.shape[1] // synth.CANVAS  # the drawing is the scene enlarged by a whole factor, text below it
+    assert s >= 2 and viz.shape[0] > s * synth.CANVAS, f"viz of {viz.shape} is not enlarged with a text band"
+    red = (255, 0, 0)
+    assert (viz[y1 * s, x1 * s:x2 * s] == red).all() and (viz[y2 * s - 1, x1 * s:x2 * s] == red).all(), "region box"
+    assert (viz[s * synth.CANVAS:] < 128).any(), "the question and answer are written under the image"
+
+
+def test_demo_model_and_image_are_the_defaults(tmp_path, monkeypatch, capsys):
+    """Any flag without --init_from / --image keeps the demo's model and image (offline), with the question asked."""
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--prompt", "What number is on the red circle?", "--save_viz", "x.png"])
+    out, err = capsys.readouterr()
+    assert "question: What number is on the red circle?" in err and out.strip().isdigit(), (out, err)
+    assert (tmp_path / "x.png").exists() and not (tmp_path / "demo_region.png").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -1306,6 +1323,283 @@ def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
     assert r["region"] == 0.0 and 0.0 <= r["accuracy"] <= 1.0
     out = capsys.readouterr().out
     assert f"({n} records, --vpt region): exact match" in out and "region IoU" in out
+
+
+# -----------------------------------------------------------------------------
+# --- SAM (issue 15): the image encoder (encoders.py), its preprocessing (data.py), the sam VPT model (vpt.py), and
+# the re-encode equalities held over all three encoders (dino, clip, sam)
+
+# SAM-sized tiny encoders: one windowed block (window 14 pads the 64x64 grid to 70x70) and one global block, at the
+# real 1024 pad size and at a non-default 160 px (a 10x10 grid, window 4 padded to 12x12)
+TINY_SAM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, output_channels=32,
+                global_attn_indexes=[1])
+SAM_SIZES = {"1024": {}, "160": dict(image_size=160, window_size=4)}
+
+
+def _write_hf_sam(path, **vision):
+    """A tiny full SamModel (vision encoder, prompt encoder, mask decoder) written by transformers' save_pretrained."""
+    torch.manual_seed(0)
+    cfg = HFSamConfig(vision_config={**TINY_SAM, **vision}, prompt_encoder_config=dict(hidden_size=32),
+                      mask_decoder_config=dict(hidden_size=32, num_hidden_layers=1, mlp_dim=64,
+                                               num_attention_heads=2, iou_head_hidden_dim=32))
+    model = SamModel(cfg)
+    with torch.no_grad():  # a large std everywhere (position tables included) so that every detail shows
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sam_dirs(tmp_path_factory):
+    return {name: _write_hf_sam(tmp_path_factory.mktemp(f"sam{name}"), **kw) for name, kw in SAM_SIZES.items()}
+
+
+@pytest.mark.parametrize("size", list(SAM_SIZES))
+def test_sam_image_embeddings_match_transformers(sam_dirs, size):
+    hf = SamModel.from_pretrained(sam_dirs[size], dtype=torch.float32, attn_implementation="eager").eval()
+    ours = encoders.sam_from_pretrained(str(sam_dirs[size]))
+    assert ours.config.global_attn_indexes == (1,) and ours.config.window_size > 0, "windowed and global blocks"
+    S = ours.config.image_size
+    pixel_values = torch.randn(1, 3, S, S, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = hf.get_image_embeddings(pixel_values), ours(pixel_values)
+    assert out.shape == ref.shape == (1, 32, S // 16, S // 16), (out.shape, ref.shape)
+    diff = (out - ref).abs().max().item()
+    print(f"sam {S}x{S}: max|diff| = {diff:.3g}")
+    assert diff <= 1e-4, f"image embeddings differ by {diff} at {S}"
+
+
+def test_sam_config_from_state_dict_and_unused_keys(sam_dirs):
+    for path in sam_dirs.values():
+        from_hf = encoders.SamConfig.from_hf(json.loads((path / "config.json").read_text()))
+        sd = load_file(path / "model.safetensors")
+        assert {k.split(".")[0] for k in sd} >= {"prompt_encoder", "mask_decoder"}, "a full SAM checkpoint"
+        seg = {"seg_model." + k: v for k, v in encoders.sam_vision_weights(sd).items()}  # the VPT-Seg layout
+        assert encoders.SamConfig.from_state_dict(seg, prefix="seg_model.") == from_hf
+    with pytest.raises(KeyError, match="unexpected keys stray.weight"):
+        encoders.sam_vision_weights({**sd, "stray.weight": torch.zeros(1)})
+
+
+def _hf_sam_pixels(img):
+    return SamImageProcessorPil()(img, return_tensors="pt")["pixel_values"][0]  # sam-vit-* Hub values
+
+
+SAM_IMAGES = {"square": (300, 300, "RGB"), "wide": (640, 427, "RGB"), "tall": (333, 700, "RGB"),
+              "tiny": (7, 5, "RGB"), "RGBA": (250, 180, "RGBA"), "L": (200, 260, "L"), "odd": (1023, 511, "RGB")}
+
+
+@pytest.mark.parametrize("name", list(SAM_IMAGES))
+def test_process_sam_image_matches_sam_processor(name):
+    w, h, mode = SAM_IMAGES[name]
+    a = np.random.default_rng(4).integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+    img = Image.fromarray(a[..., 0] if mode == "L" else a, mode)
+    ours, ref = data.process_sam_image(img), _hf_sam_pixels(img)
+    assert ours.dtype == ref.dtype == torch.float32 and ours.shape == ref.shape == (3, 1024, 1024)
+    diff = (ours - ref).abs().max().item()
+    print(f"process_sam_image {name} {w}x{h}: max|diff| = {diff:.3g}")
+    assert diff == 0.0, f"pixel values differ by {diff} for a {w}x{h} {mode} image"
+
+
+def test_process_sam_image_nearest_downscale_first():
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (900, 1500, 3), dtype=np.uint8))
+    small = img.resize((1024, int(900 * 1024 / 1500)), resample=Image.NEAREST)  # LLaMA-Factory's limit at 1024
+    ours = data.process_sam_image(img)
+    assert torch.equal(ours, _hf_sam_pixels(small)), "the NEAREST pre-downscale, then SamImageProcessor"
+    assert not torch.equal(ours, _hf_sam_pixels(img)), "the pre-downscale must change the result"
+
+
+REENCODERS = ["dino", "clip", "sam"]
+
+
+@pytest.fixture(scope="module")
+def reencode_dirs(chat_dir, dino_dir, tmp_path_factory):
+    """One tiny VPT checkpoint per re-encoder, each started with vpt.from_base, with the same records (the
+    re-encoding ones use that encoder's tokens and placeholder). The SAM takes the real 1024 px input with windowed
+    blocks only, to stay fast (the global block is held to transformers above)."""
+    sam_dir = _write_hf_sam(tmp_path_factory.mktemp("sam_vpt"), global_attn_indexes=[])
+    dirs = {}
+    for enc in REENCODERS:
+        model, tok, _ = vpt.from_base(str(chat_dir), enc, dino=str(dino_dir), sam=str(sam_dir))
+        torch.manual_seed(3)
+        with torch.no_grad():  # a larger std, so that every detail of the wiring shows in the numbers
+            for p in model.parameters():
+                p.normal_(0, 0.1)
+        d = tmp_path_factory.mktemp(f"vpt_{enc}")
+        vpt.save(model, tok, ImageConfig(max_pixels=112 * 112), d)
+        Image.fromarray(_rgb(200, 260, seed=5)).save(d / "a.png")
+        p, (ph, key) = vpt.PREFIX[enc], data.EXTRA_PLACEHOLDERS[enc]
+        act = f"<|{p}_action_start|><|{p}_action|><|{p}_action_end|>"
+        answer = "Now answer the question.\n"
+        records = [
+            {"messages": [{"role": "user", "content": "<image>\nWhat is in the picture?"},
+                          {"role": "assistant", "content": act}, {"role": "user", "content": ph},
+                          {"role": "assistant", "content": answer + "A small boat."}],
+             "images": ["a.png"], key: ["a.png"]},
+            {"messages": [{"role": "user", "content": "<image>\nWhere is the dog?"},
+                          {"role": "assistant", "content": vpt.region_text((1, 2, 3, 4))},
+                          {"role": "user", "content": "<image>"},
+                          {"role": "assistant", "content": answer + "In the top left corner."}],
+             "images": ["a.png", "a.png_20,30,120,150"]},
+            {"messages": [{"role": "user", "content": "<image>\nHow many people are there?"},
+                          {"role": "assistant", "content": act}, {"role": "user", "content": ph},
+                          {"role": "assistant", "content": answer + "There are 12 people."}],
+             "images": ["a.png"], key: ["a.png_10,10,150,190"]},
+        ]
+        (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        dirs[enc] = d
+    dirs["sam_hub"] = sam_dir
+    return dirs
+
+
+def _reencode_batch(d, mask_prob=0.0):
+    model, tok, img_cfg = vpt.from_pretrained(str(d))
+    T = model.tokens
+    ds = data.VPTDataset(str(d / "records.jsonl"), tok, img_cfg, model.vcfg.encoder, T.pad, T.act)
+    b = data.collate([ds[i] for i in range(len(ds))], tok.endoftext_id, tok.image_pad_id, 2)
+    b["mask_modeling"][:] = mask_prob > 0
+    return model, tok, b
+
+
+def test_sam_vpt_model_from_base(reencode_dirs, chat_dir):
+    model, tok, b = _reencode_batch(reencode_dirs["sam"])
+    T = model.tokens
+    assert tok.token_to_id("<|seg_image_pad|>") == T.pad and tok.token_to_id("<|seg_action|>") == T.act
+    assert b["extra"].shape == (2, 3, 1024, 1024), "one SAM view per re-encoding record, padded to 1024"
+    assert int((b["input_ids"] == T.pad).sum()) == 2 * data.SAM_TOKENS == 512
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert {"seg_model", "seg_projector"} <= names and not {"detection_model", "clip_projector"} & names
+    fresh, _, _ = vpt.from_base(str(chat_dir), "sam", sam=str(reencode_dirs["sam_hub"]))
+    sam = encoders.sam_from_pretrained(str(reencode_dirs["sam_hub"]))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.seg_model.parameters(), sam.parameters()))
+    assert fresh.seg_projector.conv_feature.weight.shape == (64, 32, 4, 4) and not hasattr(fresh.seg_projector,
+                                                                                            "linear_feature")
+    with torch.no_grad():  # the projector's conv: 4x4 cells of the 64x64 map, row-major, each LayerNormed first
+        f = torch.randn(1, 32, 64, 64)
+        got = fresh.seg_projector(f)
+        cell = F.layer_norm(f[0, :, 4:8, 8:12].permute(1, 2, 0), (32,))  # row 1, column 2 -> token 16 + 2
+        p = fresh.seg_projector
+        want = torch.einsum("ijc,ocij->o", cell, p.conv_feature.weight) + p.conv_feature.bias
+    assert got.shape == (256, 64) and torch.allclose(got[18], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_prob", [0.0, 1.0])
+@pytest.mark.parametrize("enc", REENCODERS)
+def test_reencode_one_pass_equals_two_passes(reencode_dirs, enc, mask_prob):
+    model, tok, b = _reencode_batch(reencode_dirs[enc], mask_prob)
+    for name in ("detection_model", "seg_model"):  # frozen, as in training (and SAM's backward at 1024 px is slow)
+        if hasattr(model, name):
+            getattr(model, name).requires_grad_(False)
+    grads, losses = [], []
+    for fwd in (model.forward, model.forward_two_pass):
+        model.zero_grad()
+        _, loss = fwd(b, b["targets"])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1])
+    assert any(n.startswith(f"{vpt.PREFIX[enc]}_projector.linear_condition") for n in grads[0]), "gate untrained"
+    gdiff = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
+    print(f"{enc} mask_prob {mask_prob}: loss {losses[0]:.6f} vs {losses[1]:.6f} "
+          f"(diff {abs(losses[0] - losses[1]):.2e}), max grad diff {gdiff:.2e}")
+    assert abs(losses[0] - losses[1]) <= 1e-5 and gdiff <= 1e-5
+
+
+def _reencode_transcript_logits(model, s):
+    """A fresh prefill of a re-encode answer's whole transcript through the training forward: last logits."""
+    ids = torch.tensor([s.ids])
+    view = data.limit_side(s.original, model.vcfg.image_resolution)
+    pv, grid = process_images([view], s.img_cfg)
+    extra = {"dino": lambda: process_dino_image(view, model.vcfg.image_resolution)[None],
+             "sam": lambda: data.process_sam_image(s.original)[None],  # from the original, long side 1024
+             "clip": lambda: (pv, grid)}[model.vcfg.encoder]()
+    pos, _ = M.get_rope_index(ids, grid, None, model.cfg.image_token_id)
+    batch = dict(input_ids=ids, padding_mask=torch.ones_like(ids), position_ids=pos, pixel_values=pv,
+                 image_grid_thw=grid, extra=extra, extra_rows=torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        return model(batch)[0][0, -1]
+
+
+@pytest.mark.parametrize("enc", REENCODERS)
+def test_reencode_sampler_cache_equals_fresh_prefill(reencode_dirs, enc):
+    d = reencode_dirs[enc]
+    model, tok, img_cfg = vpt.from_pretrained(str(d))
+    s = vpt.Sampler(model, tok, img_cfg, "reencode", max_new_tokens=10)
+    out = list(s.generate(d / "a.png", "Where is the dog?"))
+    T = model.tokens
+    assert out[0] == T.act_start and [r.kind for r in s.rounds] == ["reencode"]
+    assert T.act in s.ids and T.pad in s.ids and len(out) > 1, "the answer goes on after the round"
+    diff = (_reencode_transcript_logits(model, s) - s.logits[0]).abs().max().item()
+    print(f"{enc} reencode: cached vs fresh-prefill logits {diff:.2e}")
+    assert diff <= 1e-5, f"{enc}: the continued cache differs from a fresh prefill by {diff}"
+
+
+def _write_seg_layout(src, dst):
+    """Our sam checkpoint rewritten as the authors' class writes a Seg model: pytorch_model.bin, a flat 4.45-style
+    config without a SAM config, and MinimalSamProjector's unused linear_feature."""
+    sd = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["vpt"]
+    cfg["rope_scaling"] = {"mrope_section": cfg["rope_scaling"]["mrope_section"], "rope_type": "default",
+                           "type": "default"}
+    cfg.update({f"{p}_{k}": None for p in ("detection", "clip") for k in ("image_token_id", "action_id",
+                                                                           "action_start_id")})
+    H, Co = cfg["hidden_size"], sd["seg_projector.layernorm_feature.weight"].shape[0]
+    sd["seg_projector.linear_feature.weight"] = torch.randn(H, Co) * 0.05  # Linear(256 -> H) in theirs
+    sd["seg_projector.linear_feature.bias"] = torch.zeros(H)
+    os.makedirs(dst, exist_ok=True)
+    torch.save(sd, dst / "pytorch_model.bin")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    Tokenizer(src).save(dst)
+    ImageConfig.from_dir(src).save(dst)
+    return sd
+
+
+def test_authors_seg_layout_loads_strictly(reencode_dirs, tmp_path, capsys):
+    src = reencode_dirs["sam"]
+    ours, tok, b = _reencode_batch(src)
+    seg = tmp_path / "seg"
+    _write_seg_layout(src, seg)
+    theirs, ttok, _ = vpt.from_pretrained(str(seg))
+    assert theirs.vcfg.encoder == "sam" and theirs.vcfg.sam == ours.vcfg.sam, "SAM config read off the tensors"
+    assert theirs.tokens == ours.tokens
+    with torch.no_grad():
+        diff = (theirs(b)[0] - ours(b)[0]).abs().max().item()
+    assert diff == 0.0, f"logits differ by {diff}"
+    # sample.py answers with a SAM round from the Seg layout
+    sample.main(["--init_from", str(seg), "--image", str(src / "a.png"), "--prompt", "Where is the dog?",
+                 "--vpt", "reencode", "--max_new_tokens", "4", "--device", "cpu"])
+    assert "re-encode: sam features" in capsys.readouterr().err
+    # a missing key is an error naming it
+    sd = torch.load(seg / "pytorch_model.bin", weights_only=True)
+    del sd["seg_model.layers.1.attn.rel_pos_w"]
+    torch.save(sd, seg / "pytorch_model.bin")
+    with pytest.raises(KeyError, match="missing.*seg_model.layers.1.attn.rel_pos_w"):
+        vpt.from_pretrained(str(seg))
+
+
+def test_sam_training_stages(reencode_dirs):
+    """The Seg recipes' freezing: align trains the projector's feature path only (LayerNorm + conv), finetune all
+    but the vision encoders (the authors' freefreeze_frozen_modules: visual,seg_model)."""
+    model, _, _ = vpt.from_pretrained(str(reencode_dirs["sam"]))
+    for stage in ("align", "finetune"):
+        train.param_groups(model, train.parse_config(["--encoder=sam", f"--stage={stage}"]))
+        trained = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+        if stage == "align":
+            assert trained == {"seg_projector.layernorm_feature", "seg_projector.conv_feature"}, trained
+        else:
+            assert {"seg_projector.conv_feature", "seg_projector.linear_condition", "model.norm"} <= trained
+            assert not any(n.startswith(("seg_model.", "visual.")) for n in trained), trained
+
+
+def test_sam_recipes_parse():
+    here = os.path.dirname(os.path.abspath(__file__))
+    align = train.parse_config([os.path.join(here, "config", "align_2b_sam.py")])
+    seg = train.parse_config([os.path.join(here, "config", "vpt_2b_seg.py")])
+    assert (align.encoder, align.stage, align.lr, align.batch_size * align.grad_accum) == ("sam", "align", 2e-3, 64)
+    assert (seg.encoder, seg.stage, seg.lr, seg.batch_size * seg.grad_accum, seg.mask_prob) == ("sam", "finetune",
+                                                                                              2e-5, 32, 0.5)
+    assert seg.init_from == align.out_dir, "stage 2 starts from stage 1's checkpoint"
 
 
 # -----------------------------------------------------------------------------

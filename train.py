@@ -43,9 +43,11 @@ class TrainConfig:
     min_pixels: int = 3136  # image processor limits for scratch (a base checkpoint brings its own)
     max_pixels: int = 12845056
     use_vpt: bool = True  # False trains a plain Qwen2-VL (the no-perception-token baseline)
-    encoder: str = "dino"  # extra encoder of a new VPT model: "dino" or "clip"
+    encoder: str = "dino"  # extra encoder of a new VPT model: "dino", "sam" or "clip"
     dino: str = "facebook/dinov2-large"  # its checkpoint, when starting from a base Qwen2-VL
     dino_preset: str = "tiny"  # encoders.DINO_PRESETS entry, for scratch
+    sam: str = "facebook/sam-vit-large"  # the sam variant's checkpoint (its image encoder), from a base Qwen2-VL
+    sam_preset: str = "tiny"  # encoders.SAM_PRESETS entry, for scratch
     grid: int = 8  # region cells per side of a new VPT model (the paper's k)
     region_margin: int = 1  # cells added around a selected region before cropping (1 in the authors' harness)
     # data
@@ -149,13 +151,14 @@ def build(cfg):
         if not cfg.use_vpt:
             return M.Qwen2VL(qcfg), tok, img_cfg
         vcfg = vpt.VPTConfig(encoder=cfg.encoder, grid=cfg.grid, region_margin=cfg.region_margin,
-                             dino=encoders.DinoConfig(**encoders.DINO_PRESETS[cfg.dino_preset]))
+                             dino=encoders.DinoConfig(**encoders.DINO_PRESETS[cfg.dino_preset]),
+                             sam=encoders.SamConfig(**encoders.SAM_PRESETS[cfg.sam_preset]))
         return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
     path, d = M.open_checkpoint(src, vpt.WEIGHT_PATTERNS)
     if d.get("model_type") == "qwen2_vl_vpt":
         return vpt.from_pretrained(path)
     if cfg.use_vpt:
-        model, tok, img_cfg = vpt.from_base(path, cfg.encoder, cfg.dino, cfg.grid)
+        model, tok, img_cfg = vpt.from_base(path, cfg.encoder, cfg.dino, cfg.grid, sam=cfg.sam)
         model.vcfg.region_margin = cfg.region_margin
         return model, tok, img_cfg
     return M.from_pretrained(path), data.Tokenizer(path), data.ImageConfig.from_dir(path)
@@ -165,16 +168,18 @@ def param_groups(model, cfg):
     """Named groups with their own learning rates; weight decay on matrices only. Freezing by stage:
     align trains the projector's feature path (its condition path gets no gradient without control tokens),
     finetune everything but the vision encoders (the authors' freefreeze_frozen_modules: detection_model,visual in
-    configs/Qwen2-VL-2b-VPT-Det.yaml), all everything (training from scratch). Logs the counts."""
+    configs/Qwen2-VL-2b-VPT-Det.yaml, visual,seg_model in -Seg.yaml), all everything (training from scratch). Logs
+    the counts."""
     proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
     groups = {}
     for name, p in model.named_parameters():
         if cfg.lora_rank:  # adapters, and fully the modules the authors' 7B run saves (modules_to_save)
             p.requires_grad = ".lora_" in name or name.startswith((proj, "model.embed_tokens.", "lm_head."))
         elif cfg.stage == "align":
-            p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature"))
+            p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature",
+                                               proj + "conv_feature"))
         elif cfg.stage == "finetune":
-            p.requires_grad = not name.startswith(("visual.", "detection_model."))
+            p.requires_grad = not name.startswith(("visual.", "detection_model.", "seg_model."))
         elif cfg.stage != "all":
             raise ValueError(f"stage must be align, finetune or all, not {cfg.stage!r}")
         if not p.requires_grad:
@@ -372,13 +377,28 @@ def batch_flops(model, batch):
     if extra is None:
         return f
     proj = model.projector
-    if not isinstance(extra, tuple):  # DINOv2 and the projector's feature path (clip's features need neither)
+    if model.vcfg.encoder == "dino":  # DINOv2 and the projector's feature path (clip's features need neither)
         dino, d = model.detection_model, model.detection_model.config
         n, S = extra.size(0), (extra.size(-2) // d.patch_size) * (extra.size(-1) // d.patch_size)  # images, patches
         k = passes(trains(dino), trains(dino))
         f += k * n * (matmul_weights(dino.embeddings) * S + matmul_weights(dino.encoder) * (S + 1)
                       + 2 * d.num_hidden_layers * d.hidden_size * (S + 1) ** 2)
         f += passes(trains(proj.linear_feature), trains(dino)) * matmul_weights(proj.linear_feature) * n * S
+    elif model.vcfg.encoder == "sam":  # SAM's encoder per image and the projector's conv per output cell
+        sam, s = model.seg_model, model.seg_model.config
+        n, G, w = extra.size(0), s.image_size // s.patch_size, s.window_size
+        per_image = matmul_weights(sam.patch_embed, sam.neck) * G * G  # the neck's convs run once per grid cell
+        for i, layer in enumerate(sam.layers):
+            # a windowed block's attention runs on the grid zero-padded to whole windows and attends within a window,
+            # a global one over the grid; the MLP on the grid (the decomposed relative-position terms, 2·hs·(h+w)
+            # per token and head, are left out)
+            glob = i in s.global_attn_indexes
+            rows = G * G if glob else (-(-G // w) * w) ** 2
+            per_image += (matmul_weights(layer.attn) * rows + 2 * s.hidden_size * rows * (G * G if glob else w * w)
+                          + matmul_weights(layer.mlp) * G * G)
+        f += passes(trains(sam), trains(sam)) * n * per_image
+        cells = vpt.SAM_PROJECTOR_STRIDE ** 2
+        f += passes(trains(proj.conv_feature), trains(sam)) * matmul_weights(proj.conv_feature) * n * G * G / cells
     controls = int((batch["input_ids"] == model.tokens.act).sum())  # one control vector each
     f += passes(trains(proj.linear_condition), True) * matmul_weights(proj.linear_condition) * controls
     return f

@@ -20,10 +20,10 @@ import torch.nn as nn
 
 import data
 import model as M
-from encoders import DinoConfig, Dinov2Model
+from encoders import DinoConfig, Dinov2Model, SamConfig, SamVisionEncoder, sam_vision_weights
 
 # the extra encoder's name in the authors' token and parameter names
-PREFIX = {"dino": "detection", "clip": "clip"}
+PREFIX = {"dino": "detection", "clip": "clip", "sam": "seg"}
 REGION_TRIGGER = "Identify the region that can help you answer the question, and then answer the question"
 REENCODE_TRIGGER = "Require additional perception features, and then answer the question"
 
@@ -119,7 +119,10 @@ def parse_regions(text):
 
 
 # -----------------------------------------------------------------------------
-# the control projector: the authors' MinimalProjector (DINOv2) and MinimalCLIPProjector (clip)
+# the control projector: the authors' MinimalProjector (DINOv2), MinimalSamProjector (SAM) and MinimalCLIPProjector
+# (clip)
+
+SAM_PROJECTOR_STRIDE = 4  # MinimalSamProjector's conv: kernel 4, stride 4, so SAM-L's 64x64 map gives 16x16 tokens
 
 
 class ControlProjector(nn.Module):
@@ -127,12 +130,16 @@ class ControlProjector(nn.Module):
     out = f' + (f'.c) c. The paper calls it cross-attention; with a single key and value (c) a softmax over one key
     would be constant 1, so the score is the raw dot product, as in the authors' code. Without a control vector
     (the alignment stage) out = f'. in_dim None (the clip variant): the features already live in the LLM space and
-    f' = f."""
+    f' = f. stride (the sam variant): f is a feature map and f' = Conv(LayerNorm(f)), one token per stride x stride
+    cell."""
 
-    def __init__(self, in_dim, dim):
+    def __init__(self, in_dim, dim, stride=None):
         super().__init__()
         if in_dim is not None:
             self.layernorm_feature = nn.LayerNorm(in_dim)
+        if stride is not None:  # MinimalSamProjector.conv_feature (its linear_feature is never used)
+            self.conv_feature = nn.Conv2d(in_dim, dim, kernel_size=stride, stride=stride)  # PyTorch's init, as theirs
+        elif in_dim is not None:
             self.linear_feature = nn.Linear(in_dim, dim)
         self.layernorm_condition = nn.LayerNorm(dim)
         self.linear_condition = nn.Linear(dim, dim)
@@ -148,9 +155,13 @@ class ControlProjector(nn.Module):
         nn.init.zeros_(self.linear_condition.bias)
 
     def forward(self, f, h=None, owner=None):
-        """f (N*S, Cf) feature rows; h (K, C) control vectors; owner (N*S,) the control vector of each feature row,
-        -1 for a row that has none (an image of a sample without a control token, as in the alignment stage)."""
-        if hasattr(self, "linear_feature"):
+        """f (N*S, Cf) feature rows, or for sam (N, Cf, gh, gw) feature maps; h (K, C) control vectors; owner (N*S,)
+        the control vector of each feature row, -1 for a row that has none (an image of a sample without a control
+        token, as in the alignment stage)."""
+        if hasattr(self, "conv_feature"):
+            f = self.layernorm_feature(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, Cf, gh, gw), per position
+            f = self.conv_feature(f).flatten(2).transpose(1, 2).flatten(0, 1)  # (N*S, C), S cells row-major
+        elif hasattr(self, "linear_feature"):
             f = self.linear_feature(self.layernorm_feature(f))  # (N*S, C)
         if h is None:
             return f
@@ -165,15 +176,18 @@ class ControlProjector(nn.Module):
 
 @dataclass
 class VPTConfig:
-    encoder: str = "dino"  # "dino": DINOv2 re-encodes the image; "clip": Qwen's own ViT does
+    encoder: str = "dino"  # "dino": DINOv2 re-encodes the image; "sam": SAM's image encoder; "clip": Qwen's own ViT
     grid: int = 8  # k: region cells per side
     region_margin: int = 1  # cells added around a selected region before cropping (1 in the authors' harness)
     image_resolution: int = 512  # long side of every image fed to the model, NEAREST (the authors' _preprocess_image)
     dino: DinoConfig = field(default_factory=DinoConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
 
     def __post_init__(self):
         if isinstance(self.dino, dict):
             self.dino = DinoConfig(**self.dino)
+        if isinstance(self.sam, dict):
+            self.sam = SamConfig(**self.sam)
         assert self.encoder in PREFIX, f"encoder must be one of {list(PREFIX)}, not {self.encoder!r}"
 
 
@@ -233,7 +247,7 @@ class Prefix(NamedTuple):
 
 class VPT(M.Qwen2VL):
     """Qwen2-VL + an extra encoder and its control projector. Parameter names are the authors': detection_model.*,
-    detection_projector.* (DINOv2) or clip_projector.* (clip)."""
+    detection_projector.* (DINOv2), seg_model.*, seg_projector.* (SAM) or clip_projector.* (clip)."""
 
     def __init__(self, cfg, vcfg, tokens):
         super().__init__(cfg)  # initialises the Qwen2-VL weights; the projector initialises its own
@@ -242,13 +256,17 @@ class VPT(M.Qwen2VL):
             self.detection_model = Dinov2Model(vcfg.dino)
             self.detection_model.apply(M.init_weights)
             self.detection_projector = ControlProjector(vcfg.dino.hidden_size, cfg.hidden_size)
+        elif vcfg.encoder == "sam":
+            self.seg_model = SamVisionEncoder(vcfg.sam)
+            self.seg_model.apply(M.init_weights)
+            self.seg_projector = ControlProjector(vcfg.sam.output_channels, cfg.hidden_size, SAM_PROJECTOR_STRIDE)
         else:  # Qwen's own ViT re-encodes: its features already have the LLM's width
             self.clip_projector = ControlProjector(None, cfg.hidden_size)
 
     @property
     def projector(self):
         """The one projector, whichever its checkpoint name."""
-        return self.detection_projector if self.vcfg.encoder == "dino" else self.clip_projector
+        return getattr(self, f"{PREFIX[self.vcfg.encoder]}_projector")
 
     def hub_config(self):
         """config.json: the flat Qwen2-VL config, the fields the authors' VPT_Qwen2VLConfig writes, ours under "vpt"."""
@@ -260,10 +278,15 @@ class VPT(M.Qwen2VL):
 
     def extra_features(self, extra):
         """The re-encoded images -> ((N*S, Cf) feature rows, (N,) rows per image). extra: DINOv2 pixels (N, 3, 224,
-        224), or for clip a (pixel_values, image_grid_thw) pair run through Qwen's own ViT."""
+        224), SAM pixels (N, 3, 1024, 1024), whose features stay (N, Cf, gh, gw) maps for the projector's conv, or for
+        clip a (pixel_values, image_grid_thw) pair run through Qwen's own ViT."""
         if self.vcfg.encoder == "dino":
             f = self.detection_model.patch_features(extra)  # (N, S, Cf)
             return f.flatten(0, 1), torch.full((f.size(0),), f.size(1), device=f.device)
+        if self.vcfg.encoder == "sam":
+            f = self.seg_model(extra)  # (N, Cf, gh, gw)
+            S = (f.size(2) // SAM_PROJECTOR_STRIDE) * (f.size(3) // SAM_PROJECTOR_STRIDE)
+            return f, torch.full((f.size(0),), S, device=f.device)
         pixel_values, grid = extra
         return self.visual(pixel_values, grid), M.image_token_counts(grid, self.cfg.vision.spatial_merge_size)
 
@@ -288,8 +311,9 @@ class VPT(M.Qwen2VL):
             return x, None, None
         f, counts = self.extra_features(batch["extra"])
         slots = ids == self.tokens.pad
-        if int(slots.sum()) != f.size(0):
-            raise ValueError(f"{int(slots.sum())} {PREFIX[self.vcfg.encoder]} pad slots but {f.size(0)} features")
+        if int(slots.sum()) != int(counts.sum()):
+            raise ValueError(f"{int(slots.sum())} {PREFIX[self.vcfg.encoder]} pad slots but {int(counts.sum())} "
+                             f"features")
         ctl = torch.full_like(plan.act, -1)  # (B,) control-vector index of each row
         ctl[plan.has_act] = torch.arange(int(plan.has_act.sum()), device=ids.device)
         owner = ctl[batch["extra_rows"]].repeat_interleave(counts)  # (N*S,)
@@ -443,12 +467,13 @@ class Sampler:
         ids, _ = data.encode_chat(self.tok, [{"role": "user", "content": self.prompt(question)}], grid, True,
                                   self.img_cfg.merge_size)
         dev = m.lm_head.weight.device
-        # a round appends the clip view (the view's tokens), DINOv2's 256 tokens or a crop, whose long side is at
-        # most image_resolution (one token per 28 px, plus a row and column of rounding), and the turn's text
+        # a round appends the clip view (the view's tokens), DINOv2's or SAM's 256 tokens or a crop, whose long side
+        # is at most image_resolution (one token per 28 px, plus a row and column of rounding), and the turn's text
         n_view = int(M.image_token_counts(grid, self.img_cfg.merge_size))
         unit = self.img_cfg.patch_size * self.img_cfg.merge_size
         n_crop = (vc.image_resolution // unit + 1) ** 2
-        budget = len(ids) + self.max_new_tokens + self.max_rounds * (max(n_view, n_crop, data.DINO_TOKENS) + 32)
+        n_fixed = max(data.DINO_TOKENS, data.SAM_TOKENS)
+        budget = len(ids) + self.max_new_tokens + self.max_rounds * (max(n_view, n_crop, n_fixed) + 32)
         self.cache = M.KVCache(m.cfg, 1, budget, dev, m.lm_head.weight.dtype)
         self.ids, self.rounds, self.next_pos = [], [], 0
         self.feed(ids, pixel_values, grid)
@@ -537,10 +562,13 @@ class Sampler:
         dev = h.device
         if m.vcfg.encoder == "dino":
             extra = data.process_dino_image(view, m.vcfg.image_resolution)[None].to(dev)  # (1, 3, 224, 224)
+        elif m.vcfg.encoder == "sam":  # SAM's view is the original limited to 1024, not the 512 px one
+            extra = data.process_sam_image(self.original)[None].to(dev)  # (1, 3, 1024, 1024)
         else:
             extra = tuple(t.to(dev) for t in self.view_inputs)  # (pixel_values, image_grid_thw) of the view
         f, counts = m.extra_features(extra)
-        feats = m.projector(f, h, torch.zeros(f.size(0), dtype=torch.long, device=dev))  # (S, C): one image, one h
+        owner = torch.zeros(int(counts[0]), dtype=torch.long, device=dev)  # one image, one control vector
+        feats = m.projector(f, h, owner)  # (S, C)
         ph = data.EXTRA_PLACEHOLDERS[m.vcfg.encoder][0]
         pad = self.tok.tk.id_to_token(T.pad)
         turn = data.next_turn(self.tok, ph, extra={ph: (pad, [int(counts[0])])})
@@ -575,13 +603,15 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     sd = M.read_weights(path, allow_bin=True)
     if "vpt" in d:
         vcfg = VPTConfig(**d["vpt"])
-    else:  # the authors' config.json holds no DINOv2 config (their __init__ fetches it): read it off the tensors
+    else:  # the authors' config.json holds no DINOv2 or SAM config (their __init__ fetches it): read it off the
+        # tensors
         encoders = [e for e in d.get("vision_encoder_ls", []) if e in PREFIX]
         if len(encoders) != 1:
             raise ValueError(f"{path}/config.json: vision_encoder_ls {d.get('vision_encoder_ls')} must name one of "
-                             f"{list(PREFIX)} (the sam variant is not supported)")
+                             f"{list(PREFIX)}")
         dino = DinoConfig.from_state_dict(sd, "detection_model.") if encoders[0] == "dino" else DinoConfig()
-        vcfg = VPTConfig(encoder=encoders[0], dino=dino)
+        sam = SamConfig.from_state_dict(sd, "seg_model.") if encoders[0] == "sam" else SamConfig()
+        vcfg = VPTConfig(encoder=encoders[0], dino=dino, sam=sam)
     tok = data.Tokenizer(path)
     tokens = Tokens.of(tok, vcfg.encoder, vcfg.grid)
     p = PREFIX[vcfg.encoder]
@@ -589,10 +619,11 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
                      (f"{p}_action_start_id", tokens.act_start)):
         if d.get(key) is not None and d[key] != got:
             raise ValueError(f"{path}: config.json {key}={d[key]} but tokenizer.json gives {got}")
-    if vcfg.encoder == "clip":  # built by the authors' MinimalCLIPProjector, never used by its forward
-        unused = ("clip_projector.layernorm_feature.", "clip_projector.linear_feature.")
-        for k in [k for k in sd if k.startswith(unused)]:
-            del sd[k]
+    # built by the authors' MinimalCLIPProjector and MinimalSamProjector, never used by their forward
+    unused = {"clip": ("clip_projector.layernorm_feature.", "clip_projector.linear_feature."),
+              "sam": ("seg_projector.linear_feature.",)}.get(vcfg.encoder, ())
+    for k in [k for k in sd if unused and k.startswith(unused)]:
+        del sd[k]
     if cfg.tie_word_embeddings and "lm_head.weight" in sd:
         # the authors load with strict=False into a tied model (LLaMA-Factory's load_model_from_state_dicts):
         # lm_head.weight is copied last into the one shared matrix, so it is what their model runs with
@@ -601,9 +632,11 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     return model, tok, data.ImageConfig.from_dir(path)
 
 
-def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=torch.float32, device="cpu"):
+def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=torch.float32, device="cpu",
+              sam="facebook/sam-vit-large"):
     """A new VPT model from a base Qwen2-VL (Hub id or directory) and, for the dino variant, a facebook/dinov2-*
-    checkpoint: the perception tokens are added to the tokenizer, and the projector starts fresh."""
+    checkpoint, for the sam variant a facebook/sam-vit-* one (its image encoder): the perception tokens are added to
+    the tokenizer, and the projector starts fresh."""
     path, d = M.open_checkpoint(base)
     cfg = M.QwenConfig.from_hf(d)
     sd = M.read_weights(path)
@@ -621,7 +654,14 @@ def from_base(base, encoder="dino", dino="facebook/dinov2-large", grid=8, dtype=
         dpath, dcfg = M.open_checkpoint(dino)
         vcfg.dino = DinoConfig.from_hf(dcfg)
         sd.update({"detection_model." + k: v for k, v in M.read_weights(dpath).items()})
-    fresh = ControlProjector(vcfg.dino.hidden_size if encoder == "dino" else None, cfg.hidden_size)
+        fresh = ControlProjector(vcfg.dino.hidden_size, cfg.hidden_size)
+    elif encoder == "sam":
+        spath, scfg = M.open_checkpoint(sam)
+        vcfg.sam = SamConfig.from_hf(scfg)
+        sd.update({"seg_model." + k: v for k, v in sam_vision_weights(M.read_weights(spath)).items()})
+        fresh = ControlProjector(vcfg.sam.output_channels, cfg.hidden_size, SAM_PROJECTOR_STRIDE)
+    else:
+        fresh = ControlProjector(None, cfg.hidden_size)
     sd.update({f"{PREFIX[encoder]}_projector.{k}": v for k, v in fresh.state_dict().items()})
     model = M.build_loaded(lambda: VPT(cfg, vcfg, tokens), sd, dtype, device)
     return model, tok, data.ImageConfig.from_dir(path)
