@@ -1784,8 +1784,9 @@ def test_memory_plan_matches_measured_peak(checkpointing):
     # measured by torch's MemTracker (parameters, gradients, optimizer state, activations and temporaries of every
     # tensor on the CPU) over a steady-state step, the optimizer state already there; 3 % and 13 % over, measured
     from torch.distributed._tools.mem_tracker import MemTracker
+    vision = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=128)
     cfg = M.QwenConfig(**{**M.PRESETS["tiny"], "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                          "num_attention_heads": 8, "vision": dict(depth=2, embed_dim=32, num_heads=2, hidden_size=128)})
+                          "num_attention_heads": 8, "vision": vision})
     torch.manual_seed(0)
     model = M.Qwen2VL(cfg)
     model.model.checkpointing = checkpointing
