@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -324,11 +325,23 @@ class KVCache:
     def advance(self, T):
         self.pos += T
 
+    def layer(self, i):
+        return LayerCache(self, i)
+
+
+class LayerCache(NamedTuple):
+    """Layer i's part of a KVCache: what that layer's Attention updates. Each layer gets its own cache object
+    (vpt.GradCache too), so a compiled decoder layer never sees the layer index."""
+    cache: KVCache
+    i: int
+
+    def update(self, k, v):
+        return self.cache.update(self.i, k, v)
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg, layer_idx):
+    def __init__(self, cfg):
         super().__init__()
-        self.layer_idx = layer_idx
         self.nh, self.nkv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hs)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs)
@@ -344,7 +357,7 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
+            k, v = kv_cache.update(k, v)  # (B, nkv, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -362,10 +375,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_idx):
+    def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -381,7 +394,7 @@ class Qwen2(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.checkpointing = False  # activation checkpointing per layer, set by train.py
 
@@ -394,11 +407,12 @@ class Qwen2(nn.Module):
             # SDPA's is_causal aligns the triangle top-left; a chunk after cached tokens needs it bottom-right
             mask = causal_mask(torch.ones(x.size(0), kv_cache.pos + T, device=x.device), T, start=kv_cache.pos)
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            cache = kv_cache.layer(i) if kv_cache is not None else None
             if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache)
+                x = layer(x, cos, sin, mask, cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)

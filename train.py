@@ -6,13 +6,15 @@ or DDP across GPUs and nodes with torchrun,
     torchrun --standalone --nproc_per_node=8 train.py config/vpt_2b_det.py
 Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value.
 This file owns the training config and its parser, the learning-rate schedule, building or resuming the model,
-parameter groups and stages, checkpoints with their resume state, the step-indexed data order (the same batches
-after resume and under any world size), evaluation and the loop. Citations as in vpt.py: "VPT §n" is the paper
-(arXiv 2502.17425), file and key names are the authors' repository (github.com/yu-rp/VisualPerceptionToken).
+parameter groups and stages (LoRA in lora.py), checkpoints with their resume state, the step-indexed data order (the
+same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging and the loop.
+Citations as in vpt.py: "VPT §n" is the paper (arXiv 2502.17425), file and key names are the authors' repository
+(github.com/yu-rp/VisualPerceptionToken).
 """
 import ast
 import dataclasses
 import errno
+import json
 import math
 import os
 import re
@@ -29,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import encoders
+import lora
 import model as M
 import vpt
 
@@ -58,6 +61,8 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader processes decoding images
     # optimization
     stage: str = "finetune"  # "align": projector feature path only; "finetune": all but the vision encoders; "all"
+    lora_rank: int = 0  # > 0: the LLM's Linear layers train through LoRA adapters of this rank (lora.py); finetune only
+    lora_alpha: float = 0.0  # LoRA scale alpha / rank; 0 = 2 * rank (LLaMA-Factory's default, the authors' 7B run)
     batch_size: int = 4  # micro-batch per process
     grad_accum: int = 1  # micro-batches per step and process: global batch = batch_size * grad_accum * world size
     max_iters: int = 1000
@@ -183,6 +188,9 @@ def check_config(cfg):
              ("region_margin", c.region_margin >= 0, "0 or more"), ("min_pixels", c.min_pixels >= 1, "at least 1"),
              ("max_pixels", c.max_pixels >= c.min_pixels, f"at least min_pixels ({c.min_pixels})"),
              ("stage", c.stage in STAGES, f"one of {', '.join(STAGES)}"),
+             ("lora_rank", c.lora_rank >= 0, "0 (off) or more"),
+             ("lora_rank", c.lora_rank == 0 or c.stage == "finetune", "0 unless --stage=finetune (LoRA tunes the LLM)"),
+             ("lora_alpha", c.lora_alpha >= 0, "0 (= 2 x lora_rank) or more"),
              ("encoder", c.encoder in vpt.PREFIX, f"one of {', '.join(vpt.PREFIX)}"),
              ("model_preset", c.model_preset in M.PRESETS, f"one of {', '.join(M.PRESETS)}"),
              ("dino_preset", c.dino_preset in encoders.DINO_PRESETS, f"one of {', '.join(encoders.DINO_PRESETS)}"),
@@ -245,7 +253,9 @@ def param_groups(model, cfg):
     proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
     groups = {}
     for name, p in model.named_parameters():
-        if cfg.stage == "align":
+        if cfg.lora_rank:  # adapters, and fully the modules the authors' 7B run saves (modules_to_save)
+            p.requires_grad = ".lora_" in name or name.startswith((proj, "model.embed_tokens.", "lm_head."))
+        elif cfg.stage == "align":
             p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature",
                                                proj + "conv_feature"))
         elif cfg.stage == "finetune":
@@ -281,7 +291,10 @@ def save_checkpoint(model, tok, img_cfg, optimizer, iter_num, best_val, cfg):
     tmp, final = os.path.join(cfg.out_dir, f".tmp-{name}"), os.path.join(cfg.out_dir, name)
     state = dict(iter_num=iter_num, best_val=best_val, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg))
     try:
-        M.save_pretrained(model, tmp, model.hub_config())
+        with lora.merged(model):  # LoRA: the merged weights under the plain names, and the adapters beside them
+            M.save_pretrained(model, tmp, model.hub_config())
+        if cfg.lora_rank:
+            lora.save_adapters(model, tmp)
         tok.save(tmp)
         img_cfg.save(tmp)
         M.atomic_write(os.path.join(tmp, "optimizer.pt"), lambda t: torch.save(optimizer.state_dict(), t))
@@ -460,6 +473,104 @@ def to_device(batch, device):
 
 
 # -----------------------------------------------------------------------------
+# FLOPs: what a step actually computes, for MFU
+
+
+MATMULS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, lora.LoRALinear)
+
+
+def matmul_weights(*modules):
+    """Multiply-adds per row of a module's Linear and Conv layers (a patch conv is a matmul over flattened patches)."""
+    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, MATMULS))
+
+
+def trains(*modules):
+    """Whether any of the modules' matmul weights train (LoRA adapters are counted apart)."""
+    return any(m.weight.requires_grad for mod in modules for m in mod.modules() if isinstance(m, MATMULS))
+
+
+def passes(trained, grad_in):
+    """FLOPs per multiply-add of a matmul in a training step: 2 forward, 2 more for the gradient of its input when
+    anything before it trains, 2 more for the gradient of its weights when they train (6 = the usual 6N)."""
+    return 2 + 2 * grad_in + 2 * trained
+
+
+def batch_flops(model, batch):
+    """FLOPs of one micro-batch's forward and backward, counted from what is processed: the LLM's weights (and the
+    attention scores, 4·L·d per token and key forward: the 12·L·T·d term of nanoGPT and PaLM, full T x T, not
+    halved for causality) per real token, lm_head per supervised token (logits are computed only there), the ViT
+    per patch, its merger per merged token, DINOv2 per re-encoded image (its 256 patches and CLS) and the projector
+    per feature row and control vector. The one-pass VPT forward computes each token once, so this is the count of
+    the model's own work; padding and the few header tokens of mask-modeled rows that it recomputes are not counted."""
+    cfg, llm = model.cfg, model.model
+    lengths = batch["padding_mask"].sum(1).double()  # (B,) real tokens per row
+    tokens, supervised = lengths.sum().item(), int((batch["targets"] != data.IGNORE_INDEX).sum())
+    f = passes(trains(llm.layers), True) * matmul_weights(llm.layers) * tokens
+    f += 6 * sum(m.lora_A.numel() + m.lora_B.numel() for _, m in lora.lora_layers(llm)) * tokens  # LoRA adapters
+    f += 3 * 4 * cfg.num_hidden_layers * cfg.hidden_size * (lengths ** 2).sum().item()  # attention: fwd + 2x bwd
+    f += passes(trains(model.lm_head), True) * matmul_weights(model.lm_head) * supervised
+    vit, v = model.visual, cfg.vision
+    grids = [g for g in (batch.get("image_grid_thw"),) if g is not None]
+    extra = batch.get("extra")
+    if isinstance(extra, tuple):  # clip: the re-encoded views run through the same ViT
+        grids.append(extra[1])
+    k = passes(trains(vit), trains(vit))  # pixels need no gradient: the ViT backpropagates only if it trains
+    for grid in grids:
+        patches = grid.prod(-1).double()  # (n,) patches per image; each attends to its own image only
+        f += k * (matmul_weights(vit.patch_embed, vit.blocks) * patches.sum().item()
+                  + 2 * v.depth * v.embed_dim * (patches ** 2).sum().item()
+                  + matmul_weights(vit.merger) * patches.sum().item() / v.spatial_merge_size ** 2)
+    if extra is None:
+        return f
+    proj = model.projector
+    if model.vcfg.encoder == "dino":  # DINOv2 and the projector's feature path (clip's features need neither)
+        dino, d = model.detection_model, model.detection_model.config
+        n, S = extra.size(0), (extra.size(-2) // d.patch_size) * (extra.size(-1) // d.patch_size)  # images, patches
+        k = passes(trains(dino), trains(dino))
+        f += k * n * (matmul_weights(dino.embeddings) * S + matmul_weights(dino.encoder) * (S + 1)
+                      + 2 * d.num_hidden_layers * d.hidden_size * (S + 1) ** 2)
+        f += passes(trains(proj.linear_feature), trains(dino)) * matmul_weights(proj.linear_feature) * n * S
+    elif model.vcfg.encoder == "sam":  # SAM's encoder per image and the projector's conv per output cell
+        sam, s = model.seg_model, model.seg_model.config
+        n, G, w = extra.size(0), s.image_size // s.patch_size, s.window_size
+        per_image = matmul_weights(sam.patch_embed, sam.neck) * G * G  # the neck's convs run once per grid cell
+        for i, layer in enumerate(sam.layers):
+            # a windowed block's attention runs on the grid zero-padded to whole windows and attends within a window,
+            # a global one over the grid; the MLP on the grid (the decomposed relative-position terms, 2·hs·(h+w)
+            # per token and head, are left out)
+            glob = i in s.global_attn_indexes
+            rows = G * G if glob else (-(-G // w) * w) ** 2
+            per_image += (matmul_weights(layer.attn) * rows + 2 * s.hidden_size * rows * (G * G if glob else w * w)
+                          + matmul_weights(layer.mlp) * G * G)
+        f += passes(trains(sam), trains(sam)) * n * per_image
+        cells = vpt.SAM_PROJECTOR_STRIDE ** 2
+        f += passes(trains(proj.conv_feature), trains(sam)) * matmul_weights(proj.conv_feature) * n * G * G / cells
+    controls = int((batch["input_ids"] == model.tokens.act).sum())  # one control vector each
+    f += passes(trains(proj.linear_condition), True) * matmul_weights(proj.linear_condition) * controls
+    return f
+
+
+def memory_plan(model, B, T, supervised, act_bytes):
+    """Bytes per process for a micro-batch of B x T tokens, `supervised` of them with a target: the parameters, the
+    gradients and AdamW's two moments of the trained ones (in the parameters' dtype), and the activations autograd
+    keeps: per decoder layer and token the norms' inputs and outputs, q, the attention output and o_proj's input
+    (8 C), k and v (2 kv widths) and the MLP's four intermediates (4 I); with checkpointing only each layer's input
+    and one layer recomputed; the supervised logits and their log-softmax in fp32; the MLP's gradients in flight.
+    The vision encoders and DINOv2 are frozen in the authors' recipes and keep nothing for the backward pass."""
+    c = model.cfg
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    kv = 2 * c.num_key_value_heads * c.head_dim
+    layer = B * T * (8 * c.hidden_size + kv + 4 * c.intermediate_size) * act_bytes
+    if model.model.checkpointing:
+        saved = c.num_hidden_layers * B * T * c.hidden_size * act_bytes + layer
+    else:
+        saved = c.num_hidden_layers * layer
+    activations = saved + 2 * supervised * c.vocab_size * 4 + 3 * B * T * c.intermediate_size * act_bytes
+    return dict(parameters=params, gradients=trained, optimizer=2 * trained, activations=activations)
+
+
+# -----------------------------------------------------------------------------
 # processes, logging and evaluation
 
 
@@ -486,18 +597,91 @@ def log(*args):
         print(*args)
 
 
-def gpu_stats(model, tokens_per_s, world):
-    """The log line's GPU part: model flops utilisation and this process's peak memory."""
-    # forward + backward of the LLM: 6 flops per parameter and token (nanoGPT's estimate without the attention term;
-    # the vision encoders run on few rows and mostly frozen)
-    flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if n.startswith("model."))
-    peak = 989e12 * world  # H100 SXM dense bf16
-    return (f", MFU {flops_per_token * tokens_per_s / peak * 100:.1f}%, "
+PEAK_FLOPS = 989e12  # one H100 or H200 SXM, dense bf16
+
+
+def gpu_stats(flops_per_s, world):
+    """The log line's GPU part: model flops utilisation (batch_flops over the GPUs' peak) and this process's peak
+    memory."""
+    return (f", MFU {flops_per_s / (PEAK_FLOPS * world) * 100:.1f}%, "
             f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def backward(loss, groups, iter_num, cfg):
-    """Backward of one micro-batch's loss / grad_accum. A loss that touched nothing trained (say, an alignment
+def log_memory_plan(model, batch, cfg, device):
+    """Prints memory_plan for the run's first micro-batch and at max_len, so a run that cannot fit says so first."""
+    B, T = batch["input_ids"].shape
+    supervised = int((batch["targets"] != data.IGNORE_INDEX).sum())
+    act_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8 if device.startswith("cuda") else 4  # autocast
+    plan = memory_plan(model, B, T, supervised, act_bytes)
+    at_max = memory_plan(model, B, cfg.max_len, supervised * cfg.max_len // T, act_bytes)["activations"]
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    line = (f"memory plan per process: parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, "
+            f"AdamW state {gib(plan['optimizer'])}, activations {gib(plan['activations'])} for the first "
+            f"micro-batch ({B} x {T} tokens; {gib(at_max)} at {B} x max_len {cfg.max_len}): "
+            f"total {gib(sum(plan.values()))}")
+    if device.startswith("cuda"):
+        line += f" of {gib(torch.cuda.get_device_properties(device).total_memory)} on this GPU"
+    log(line)
+
+
+def duration(seconds):
+    """1h02m, 3m05s, 12s."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def append_metrics(out_dir, record):
+    """One JSON line per logged step or evaluation in out_dir/metrics.jsonl, what plot() draws."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot(out_dir):
+    """out_dir/metrics.jsonl -> out_dir/curves.png: training loss (raw and smoothed) with validation loss,
+    perception-token accuracy and learning rate against the step. A resumed run's steps logged twice keep the last."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plotting needs matplotlib, an optional dependency: pip install matplotlib")
+        return None
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    series = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                series.setdefault(k, {})[r["step"]] = v
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("loss", ["loss", "loss_smooth", "val_loss"]), ("perception-token accuracy", ["perception_acc"]),
+              ("learning rate", ["lr"])]
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            if k in series:
+                steps = sorted(series[k])
+                ax.plot(steps, [series[k][t] for t in steps], "o-" if k.startswith(("val", "perc")) else "-", label=k)
+        ax.set(title=title, xlabel="step")
+        if ax.lines:
+            ax.legend()
+    path = os.path.join(out_dir, "curves.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def supervised_tokens(batches, device):
+    """Supervised tokens in a step's micro-batches, summed over all processes: the denominator of the step's loss."""
+    n = sum(int((b["targets"] != data.IGNORE_INDEX).sum()) for b in batches if b is not None)
+    n = torch.tensor(n, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n)
+    return max(n.item(), 1.0)
+
+
+def backward(loss, scale, groups, iter_num, cfg):
+    """Backward of one micro-batch's loss * scale. A loss that touched nothing trained (say, an alignment
     micro-batch without a re-encoded image) gets a zero gradient through the trained parameters, which keeps every
     rank's backward, and DDP, in step; a non-finite loss stops the run before it can reach a checkpoint."""
     if not loss.requires_grad:
@@ -505,7 +689,7 @@ def backward(loss, groups, iter_num, cfg):
     if not torch.isfinite(loss):
         raise RuntimeError(f"loss is {loss.item()} at step {iter_num}; stopping. The last good checkpoint "
                            f"in {cfg.out_dir} is untouched.")
-    (loss / cfg.grad_accum).backward()
+    (loss * scale).backward()
 
 
 @torch.no_grad()
@@ -564,6 +748,10 @@ def run(cfg):
 
     # --- model and optimizer (on resume build() loads the model from out_dir, load_train_state the rest)
     model, tok, img_cfg = build(cfg)
+    if cfg.lora_rank:
+        lora.add_lora(model.model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
+        if cfg.init_from == "resume":
+            lora.load_adapters(model, M.checkpoint_dir(cfg.out_dir))
     model.to(device)
     model.model.checkpointing = cfg.checkpointing
     groups = param_groups(model, cfg)
@@ -589,64 +777,97 @@ def run(cfg):
     collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
     train_batches = loader(train_schedule, iter_num, cfg.max_iters, collate, cfg.num_workers)
     perception = torch.tensor(sorted(tokens.perception())) if tokens else None
+    first = collate([train_schedule.dataset[i] for i in train_schedule.global_batch(train_schedule.step(iter_num)[0])])
+    if first is not None:
+        log_memory_plan(raw, first, cfg, device)
 
     # --- the loop: evaluate and save every eval_interval steps and at the end (not the step a resume starts from,
     # which its checkpoint holds); in between, optimizer steps
     first = iter_num
     if cfg.wandb_project and master:
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("wandb_project is set but wandb is not installed: pip install wandb") from None
         wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    if master and cfg.init_from != "resume":
+        open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a new run starts a new log; resume appends
     model.train()
-    dropped, t0, tokens_seen = 0, time.perf_counter(), 0
+    dropped, t0, last_logged, smooth = 0, time.perf_counter(), iter_num, None
+    seen = torch.zeros(2, dtype=torch.float64)  # this process's (tokens, flops) since the last log line
     while True:
         done = iter_num >= cfg.max_iters
         if iter_num > first and (done or (cfg.eval_interval and iter_num % cfg.eval_interval == 0)):
+            t_eval = time.perf_counter()  # evaluation and saving are left out of ms/step
             val_batches = loader(val_schedule, 0, cfg.eval_iters, collate, cfg.num_workers)
             val_loss, acc = evaluate(raw, val_batches, perception, ctx, device)
-            log(f"step {iter_num}: val loss {val_loss:.4f}, perception-token accuracy {acc:.3f}")
+            has_acc = perception is not None and math.isfinite(acc)  # a plain Qwen2-VL has no perception tokens
+            log(f"step {iter_num}: val loss {val_loss:.4f}"
+                + (f", perception-token accuracy {acc:.3f}" if has_acc else ""))
             best_val = min(best_val, val_loss)
-            if master and cfg.wandb_project:
-                wandb.log({"val/loss": val_loss, "val/perception_acc": acc}, step=iter_num)
+            if master:
+                append_metrics(cfg.out_dir, dict(step=iter_num, val_loss=val_loss, **({"perception_acc": acc}
+                                                                                       if has_acc else {})))
+                if cfg.wandb_project:
+                    wandb.log({"val/loss": val_loss, **({"val/perception_acc": acc} if has_acc else {})}, step=iter_num)
             if master:
                 save_checkpoint(raw, tok, img_cfg, optimizer, iter_num, best_val, cfg)
+            t0 += time.perf_counter() - t_eval
         if done:
             break
         lr_scale = get_lr(iter_num, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-        total = torch.zeros((), device=device)
-        for micro, k in enumerate(train_schedule.step(iter_num)):
-            batch = next(train_batches)
+        # the step's loss is the mean over every supervised token of the global batch, however it is split into
+        # micro-batches and processes: each micro-batch's summed loss over the global count (all-reduced first).
+        # DDP averages gradients over the world, hence the factor world
+        batches = [next(train_batches) for _ in range(cfg.grad_accum)]
+        n_global = supervised_tokens(batches, device)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # summed loss of this process
+        for micro, (k, batch) in enumerate(zip(train_schedule.step(iter_num), batches)):
             # gradients are all-reduced on the last micro-step only
             sync = model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 if batch is None:  # every sample of the micro-batch was over max_len
                     dropped += cfg.batch_size
-                    loss = torch.zeros((), device=device)
+                    loss_sum = torch.zeros((), device=device)
                 else:
                     dropped += batch.pop("dropped")
                     batch["mask_modeling"] = mask_draw(batch, cfg, k)
+                    seen += torch.tensor([batch["padding_mask"].sum().item(), batch_flops(raw, batch)])
                     batch = to_device(batch, device)
-                    tokens_seen += int(batch["padding_mask"].sum())
                     with ctx:
-                        _, loss = model(batch, batch["targets"])
-                backward(loss, groups, iter_num, cfg)
-            total += loss.detach() / cfg.grad_accum
+                        _, loss = model(batch, batch["targets"])  # mean over the micro-batch's supervised tokens
+                    loss_sum = loss * int((batch["targets"] != data.IGNORE_INDEX).sum())
+                backward(loss_sum, world / n_global, groups, iter_num, cfg)
+            total += loss_sum.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            seen = seen.to(device)
             if ddp:
-                dist.all_reduce(total, op=dist.ReduceOp.AVG)
-            tps = tokens_seen * world / (time.perf_counter() - t0)
-            line = f"step {iter_num}: loss {total.item():.4f}, lr {cfg.lr * lr_scale:.2e}, {tps:,.0f} tokens/s"
-            line += gpu_stats(raw, tps, world) if device.startswith("cuda") else ""
+                dist.all_reduce(total)
+                dist.all_reduce(seen)  # every process's tokens and flops
+            loss = total.item() / n_global  # the global per-token mean
+            smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss  # over logged steps
+            dt = time.perf_counter() - t0
+            ms = dt * 1000 / (iter_num - last_logged)
+            tps, flops_per_s = (seen / dt).tolist()
+            line = (f"step {iter_num}/{cfg.max_iters}: loss {loss:.4f}, smoothed {smooth:.4f}, lr "
+                    f"{cfg.lr * lr_scale:.2e}, {ms:.0f} ms/step, {tps:,.0f} tokens/s, "
+                    f"ETA {duration(ms / 1000 * (cfg.max_iters - iter_num))}")
+            line += gpu_stats(flops_per_s, world) if device.startswith("cuda") else ""
             log(line + (f", {dropped} samples over max_len dropped" if dropped else ""))
-            if master and cfg.wandb_project:
-                wandb.log({"train/loss": total.item(), "lr": cfg.lr * lr_scale, "tokens_per_s": tps}, step=iter_num)
-            t0, tokens_seen = time.perf_counter(), 0
+            if master:
+                record = dict(loss=loss, loss_smooth=smooth, lr=cfg.lr * lr_scale, ms_per_step=ms, tokens_per_s=tps,
+                              flops_per_s=flops_per_s)
+                append_metrics(cfg.out_dir, dict(step=iter_num, **record))
+                if cfg.wandb_project:
+                    wandb.log({f"train/{k}": v for k, v in record.items()}, step=iter_num)
+            t0, last_logged, seen = time.perf_counter(), iter_num, torch.zeros(2, dtype=torch.float64)
     if ddp:
         dist.destroy_process_group()
     return raw
@@ -654,6 +875,9 @@ def run(cfg):
 
 if __name__ == "__main__":
     try:
-        main(parse_config(sys.argv[1:]))
+        if sys.argv[1:2] == ["--plot"]:  # python train.py --plot out_dir
+            plot(sys.argv[2])
+        else:
+            main(parse_config(sys.argv[1:]))
     except (M.UserError, OSError) as e:  # the user's settings, files or disk: one line; a bug keeps its traceback
         sys.exit(f"train.py: error: {e}")

@@ -192,20 +192,37 @@ class VPTConfig:
 
 
 class GradCache:
-    """A KV cache that autograd can see through (training): keeps each layer's keys and values and concatenates new
-    ones, where KVCache writes into a preallocated buffer for decoding."""
+    """A KV cache that autograd can see through (training), for two passes: the first (the prefix) keeps each layer's
+    keys and values, the second (the suffix) attends to them followed by its own, where KVCache writes into a
+    preallocated buffer for decoding. Each layer gets its own LayerKV (layer(i)), so a compiled decoder layer sees
+    the same kind of state at every depth and dynamo makes one graph for all layers of a pass."""
 
     def __init__(self):
-        self.k, self.v, self.pos = {}, {}, 0
+        self.kept, self.pos = {}, 0
 
-    def update(self, layer, k, v):
-        if layer in self.k:
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)  # (B, nkv, S, hs)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+    def layer(self, i):
+        if i not in self.kept:  # the first pass over layer i keeps what it computes
+            self.kept[i] = LayerKV()
+            return self.kept[i]
+        return LayerKV(self.kept[i].k, self.kept[i].v)
 
     def advance(self, T):
         self.pos += T
+
+
+class LayerKV:
+    """One layer's keys and values in a GradCache. Empty, it keeps what update gives it; made from kept ones, it
+    returns them followed by the new ones and changes nothing. Either way update can run again with the same result,
+    as activation checkpointing does when it recomputes a layer in the backward pass."""
+
+    def __init__(self, k=None, v=None):
+        self.k, self.v, self.keep = k, v, k is None
+
+    def update(self, k, v):
+        if self.keep:
+            self.k, self.v = k, v
+            return k, v
+        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, nkv, S, hs)
 
 
 class Plan(NamedTuple):
@@ -347,7 +364,8 @@ class VPT(M.Qwen2VL):
         cache = GradCache()
         # the prefix is the same window [0, P) for every row: a row's keys past its own split are hidden from its
         # suffix, and rows without a control token continue from P
-        h = self.model(x[:, :P], pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
+        # contiguous: a compiled layer then gets the strides every later layer's input has (one graph for all)
+        h = self.model(x[:, :P].contiguous(), pos[:, :, :P], M.causal_mask(pad[:, :P], P), cache)  # (B, P, C)
         rows = plan.has_act.nonzero().squeeze(1)
         control = h[rows, plan.act[rows] - 1]  # (K, C): the hidden state at <|*_action_start|>
         return Prefix(plan, x, f, owner, h, cache, control)
