@@ -103,14 +103,32 @@ def chat_dir(tmp_path_factory):
 TINY_DINO = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=518, patch_size=14)
 
 
-def _write_hf_dino(path, **overrides):
-    torch.manual_seed(0)
-    model = HFDinov2Model(Dinov2Config(**TINY_DINO, **overrides))
-    with torch.no_grad():  # a large std everywhere (lambdas, position table, cls, mask) so that every detail shows
+def one_pass_and_two_pass(model, b):
+    """([loss, loss], [grads, grads]) of a VPT model's one-pass training forward and of its two-pass slow path on
+    the batch b, gradients by parameter name."""
+    grads, losses = [], []
+    for fwd in (model.forward, model.forward_two_pass):
+        model.zero_grad()
+        _, loss = fwd(b, b["targets"])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return losses, grads
+
+
+def _save_noisy(model, path):
+    """Saves a transformers model with a large std everywhere (layer-scale lambdas, position tables, cls and mask
+    tokens included), so that every detail of the computation shows in the comparison."""
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.15)
     model.save_pretrained(path)
     return path
+
+
+def _write_hf_dino(path, **overrides):
+    torch.manual_seed(0)
+    return _save_noisy(HFDinov2Model(Dinov2Config(**TINY_DINO, **overrides)), path)
 
 
 @pytest.fixture(scope="module")
@@ -822,13 +840,7 @@ def test_projector_hand_computed():
 @pytest.mark.parametrize("mask_prob", [0.0, 1.0])
 def test_one_pass_training_forward_equals_two_passes(vpt_dir, mask_prob):
     model, tok, b = vpt_batch(vpt_dir, mask_prob)
-    grads, losses = [], []
-    for fwd in (model.forward, model.forward_two_pass):
-        model.zero_grad()
-        _, loss = fwd(b, b["targets"])
-        loss.backward()
-        losses.append(loss.item())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    losses, grads = one_pass_and_two_pass(model, b)
     assert set(grads[0]) == set(grads[1])
     assert any(n.startswith("detection_projector.linear_condition") for n in grads[0]), "the gate must be trained"
     gdiff = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
@@ -1344,12 +1356,7 @@ def _write_hf_sam(path, **vision):
     cfg = HFSamConfig(vision_config={**TINY_SAM, **vision}, prompt_encoder_config=dict(hidden_size=32),
                       mask_decoder_config=dict(hidden_size=32, num_hidden_layers=1, mlp_dim=64,
                                                num_attention_heads=2, iou_head_hidden_dim=32))
-    model = SamModel(cfg)
-    with torch.no_grad():  # a large std everywhere (position tables included) so that every detail shows
-        for p in model.parameters():
-            p.normal_(0.0, 0.15)
-    model.save_pretrained(path)
-    return path
+    return _save_noisy(SamModel(cfg), path)
 
 
 @pytest.fixture(scope="module")
@@ -1492,13 +1499,7 @@ def test_reencode_one_pass_equals_two_passes(reencode_dirs, enc, mask_prob):
     for name in ("detection_model", "seg_model"):  # frozen, as in training (and SAM's backward at 1024 px is slow)
         if hasattr(model, name):
             getattr(model, name).requires_grad_(False)
-    grads, losses = [], []
-    for fwd in (model.forward, model.forward_two_pass):
-        model.zero_grad()
-        _, loss = fwd(b, b["targets"])
-        loss.backward()
-        losses.append(loss.item())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    losses, grads = one_pass_and_two_pass(model, b)
     assert set(grads[0]) == set(grads[1])
     assert any(n.startswith(f"{vpt.PREFIX[enc]}_projector.linear_condition") for n in grads[0]), "gate untrained"
     gdiff = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
