@@ -2169,3 +2169,11 @@ def test_train_help_shows_the_values_in_force_and_the_source_comments(tmp_path, 
     assert "  # optimization\n  --stage=" in out, out  # the section comments of TrainConfig head their settings
     comments, _ = train.setting_comments()
     assert comments["mask_prob"] == "VPT §3.2 mask modeling, per sample with a control token", comments
+
+
+def test_train_user_error_is_reported_by_rank_0_only(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    for rank, stderr in [("0", "train.py: error: --max_iters=-5: must be at least 1\n"), ("1", "")]:
+        r = subprocess.run([sys.executable, script, "--max_iters", "-5", "--device=cpu"], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=120, env={**os.environ, "RANK": rank})
+        assert r.returncode == 1 and r.stderr == stderr, (rank, r.returncode, r.stderr)

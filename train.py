@@ -923,4 +923,5 @@ if __name__ == "__main__":
         else:
             main(parse_config(sys.argv[1:]))
     except (M.UserError, OSError) as e:  # the user's settings, files or disk: one line; a bug keeps its traceback
-        sys.exit(f"train.py: error: {e}")
+        # under torchrun every rank meets the same error: rank 0 says it, the others exit with the same status quietly
+        sys.exit(f"train.py: error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
