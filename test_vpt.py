@@ -2177,3 +2177,15 @@ def test_train_user_error_is_reported_by_rank_0_only(tmp_path):
         r = subprocess.run([sys.executable, script, "--max_iters", "-5", "--device=cpu"], capture_output=True,
                            text=True, cwd=tmp_path, timeout=120, env={**os.environ, "RANK": rank})
         assert r.returncode == 1 and r.stderr == stderr, (rank, r.returncode, r.stderr)
+
+
+def test_train_checks_the_data_files_before_it_builds_the_model(tmp_path, monkeypatch):
+    def build(cfg):
+        raise AssertionError("build() ran before the records files were checked")
+    monkeypatch.setattr(train, "build", build)
+    base = ["--device=cpu", f"--out_dir={tmp_path / 'out'}"]
+    with pytest.raises(FileNotFoundError, match="no-such.jsonl"):
+        train.main(train.parse_config([*base, f"--train_data={tmp_path / 'no-such.jsonl'}"]))
+    good, bad = write_records(tmp_path / "good", GOOD), write_records(tmp_path / "bad", {**GOOD, "images": ["b.png"]})
+    with pytest.raises(M.UserError, match="record 0: images\\[0\\] 'b.png': image file not found"):  # the val file too
+        train.main(train.parse_config([*base, f"--train_data={good}", f"--val_data={bad}"]))

@@ -423,11 +423,13 @@ def _alive(pid):
 # data: a seeded, length-grouped order of micro-batches, the same for every world size
 
 
-def dataset(path, tok, img_cfg, tokens, cfg):
-    """A records file as training samples; tokens None (a plain Qwen2-VL) reads it without perception tokens."""
+def dataset(path, tok, img_cfg, tokens, cfg, records):
+    """A records file (read and checked: data.checked_records) as training samples; tokens None (a plain Qwen2-VL)
+    reads it without perception tokens."""
     if tokens is None:
-        return data.VPTDataset(path, tok, img_cfg, max_len=cfg.max_len)
-    return data.VPTDataset(path, tok, img_cfg, cfg.encoder, tokens.pad, tokens.act, max_len=cfg.max_len)
+        return data.VPTDataset(path, tok, img_cfg, max_len=cfg.max_len, records=records)
+    return data.VPTDataset(path, tok, img_cfg, cfg.encoder, tokens.pad, tokens.act, max_len=cfg.max_len,
+                           records=records)
 
 
 def micro_batches(dataset, cfg, epoch):
@@ -781,6 +783,10 @@ def main(cfg):
 
 
 def run(cfg):
+    # --- the data files first, every image header opened once: a typo fails in a second, not after the model's
+    # download and load
+    records = {path: data.checked_records(path) for path in dict.fromkeys((cfg.train_data, cfg.val_data))}
+
     # --- setup: one process, or one of several under torchrun
     ddp, rank, world, device = setup_ddp(cfg)
     master = rank == 0
@@ -814,9 +820,10 @@ def run(cfg):
 
     # --- data: one step-indexed schedule per split
     tokens = getattr(raw, "tokens", None)  # the perception tokens; a plain Qwen2-VL has none
-    train_schedule = Schedule(dataset(cfg.train_data, tok, img_cfg, tokens, cfg), cfg, rank, world)
+    train_set, val_set = (dataset(p, tok, img_cfg, tokens, cfg, records[p]) for p in (cfg.train_data, cfg.val_data))
+    train_schedule = Schedule(train_set, cfg, rank, world)
     val_cfg = dataclasses.replace(cfg, grad_accum=1)  # validation: eval_iters micro-batches per process
-    val_schedule = Schedule(dataset(cfg.val_data, tok, img_cfg, tokens, cfg), val_cfg, rank, world)
+    val_schedule = Schedule(val_set, val_cfg, rank, world)
     collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
     train_batches = loader(train_schedule, iter_num, cfg.max_iters, collate, cfg.num_workers)
     perception = torch.tensor(sorted(tokens.perception())) if tokens else None
