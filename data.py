@@ -501,14 +501,22 @@ def check_images(records, path, base_dir):
                     raise UserError(f"{path}: record {i}: {key}[{j}] {ref!r}: {e}") from None
 
 
+def checked_records(path):
+    """read_records, then every image the records name opened once (check_images)."""
+    records = read_records(path)
+    check_images(records, path, os.path.dirname(os.path.abspath(path)))
+    return records
+
+
 class VPTDataset:
     """Records of one file -> model-ready samples. A sample is None when it has more than max_len tokens: it is
-    dropped whole (never cut inside an image block) and the trainer counts it."""
+    dropped whole (never cut inside an image block) and the trainer counts it. records: checked_records(path) when
+    the caller has it already (train.py checks the files before it loads the model)."""
 
     def __init__(self, path, tok, img_cfg, encoder=None, pad_id=None, act_id=None, image_resolution=512,
-                 max_len=2048):
-        self.records, self.base = read_records(path), os.path.dirname(os.path.abspath(path))
-        check_images(self.records, path, self.base)
+                 max_len=2048, records=None):
+        self.records = checked_records(path) if records is None else records
+        self.base = os.path.dirname(os.path.abspath(path))
         self.path, self.tok, self.img_cfg, self.encoder = path, tok, img_cfg, encoder
         self.pad = tok.tk.id_to_token(pad_id) if pad_id is not None else None  # the pad token's text
         self.act_id = act_id

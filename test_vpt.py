@@ -2144,3 +2144,48 @@ def test_memory_plan_matches_measured_peak(checkpointing):
     print(f"memory plan {estimate / 2**20:.1f} MiB vs measured peak {measured / 2**20:.1f} MiB "
           f"(checkpointing {checkpointing})")
     assert abs(estimate / measured - 1) <= 0.25
+
+
+# --- train.py command line (issue 13)
+
+def test_train_key_space_value_parses_as_key_equals_value(tmp_path):
+    spaced = train.parse_config(["--max_iters", "7", "--lr", "1e-3", "--device", "cpu", "--use_vpt", "False"])
+    equals = train.parse_config(["--max_iters=7", "--lr=1e-3", "--device=cpu", "--use_vpt=False"])
+    assert spaced == equals and spaced.max_iters == 7 and spaced.use_vpt is False, spaced
+    with pytest.raises(M.UserError, match="--max_iters: max_iters must be int, got 'x'"):
+        train.parse_config(["--max_iters", "x"])
+    with pytest.raises(M.UserError, match="--lr: write --key=value or --key value"):
+        train.parse_config(["--lr"])
+
+
+def test_train_help_shows_the_values_in_force_and_the_source_comments(tmp_path, capsys):
+    f = tmp_path / "c.py"
+    f.write_text("max_iters = 42\nlr = 1e-3\n")
+    with pytest.raises(SystemExit) as e:
+        train.parse_config([str(f), "--help", "--lr", "5e-4", "--max_iters=-1"])  # shown even when out of range
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "  --max_iters=-1\n" in out and "  --lr=0.0005  # LLM and everything else trained\n" in out, out
+    assert "  # optimization\n  --stage=" in out, out  # the section comments of TrainConfig head their settings
+    comments, _ = train.setting_comments()
+    assert comments["mask_prob"] == "VPT §3.2 mask modeling, per sample with a control token", comments
+
+
+def test_train_user_error_is_reported_by_rank_0_only(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    for rank, stderr in [("0", "train.py: error: --max_iters=-5: must be at least 1\n"), ("1", "")]:
+        r = subprocess.run([sys.executable, script, "--max_iters", "-5", "--device=cpu"], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=120, env={**os.environ, "RANK": rank})
+        assert r.returncode == 1 and r.stderr == stderr, (rank, r.returncode, r.stderr)
+
+
+def test_train_checks_the_data_files_before_it_builds_the_model(tmp_path, monkeypatch):
+    def build(cfg):
+        raise AssertionError("build() ran before the records files were checked")
+    monkeypatch.setattr(train, "build", build)
+    base = ["--device=cpu", f"--out_dir={tmp_path / 'out'}"]
+    with pytest.raises(FileNotFoundError, match="no-such.jsonl"):
+        train.main(train.parse_config([*base, f"--train_data={tmp_path / 'no-such.jsonl'}"]))
+    good, bad = write_records(tmp_path / "good", GOOD), write_records(tmp_path / "bad", {**GOOD, "images": ["b.png"]})
+    with pytest.raises(M.UserError, match="record 0: images\\[0\\] 'b.png': image file not found"):  # the val file too
+        train.main(train.parse_config([*base, f"--train_data={good}", f"--val_data={bad}"]))

@@ -4,7 +4,8 @@ or one GPU,
     python train.py config/synth.py --device=cpu
 or DDP across GPUs and nodes with torchrun,
     torchrun --standalone --nproc_per_node=8 train.py config/vpt_2b_det.py
-Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value.
+Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value
+or --key value; --help prints the values in force after the arguments given with it, and what each one means.
 This file owns the training config and its parser, the learning-rate schedule, building or resuming the model,
 parameter groups and stages (LoRA in lora.py), checkpoints with their resume state, the step-indexed data order (the
 same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging and the loop.
@@ -14,6 +15,8 @@ Citations as in vpt.py: "VPT §n" is the paper (arXiv 2502.17425), file and key 
 import ast
 import dataclasses
 import errno
+import inspect
+import io
 import json
 import math
 import os
@@ -22,6 +25,7 @@ import shutil
 import socket
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -98,9 +102,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 def parse_config(argv):
-    """[config_file.py] [--key=value ...] -> TrainConfig. A config file holds `key = literal` lines only (read with
-    ast, never executed). Unknown keys, values of the wrong type and values out of range are errors; on resume the
-    run's saved settings are restored (resume_values)."""
+    """[config_file.py] [--key=value | --key value ...] -> TrainConfig. A config file holds `key = literal` lines
+    only (read with ast, never executed). Unknown keys, values of the wrong type and values out of range are errors;
+    on resume the run's saved settings are restored (resume_values)."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = {}
 
@@ -114,12 +118,12 @@ def parse_config(argv):
             raise M.UserError(f"{where}: {key} must be {want.__name__}, got {value!r}")
         values[key] = value
 
-    for arg in argv:
+    args, help_asked = list(argv), False
+    while args:
+        arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(__doc__ + "\n".join(f"  --{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)))
-            print(f"With --init_from=resume the run's saved settings are restored; only {', '.join(RESUMABLE)} may "
-                  f"be given again with another value.")
-            sys.exit(0)
+            help_asked = True  # printed after every other argument, with the values they set
+            continue
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise M.UserError(f"{arg}: no such config file (settings are a config file, then --key=value)")
@@ -140,8 +144,10 @@ def parse_config(argv):
                 put(key, value, f"{arg}:{node.lineno}")
         else:
             key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                raise M.UserError(f"{arg}: write --key=value")
+            if not eq:  # --key value
+                if not args:
+                    raise M.UserError(f"{arg}: write --key=value or --key value")
+                raw = args.pop(0)
             try:
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
@@ -150,8 +156,45 @@ def parse_config(argv):
     if values.get("init_from") == "resume":
         values = resume_values(values)
     cfg = TrainConfig(**values)
+    if help_asked:  # before check_config: the values are shown even when one of them is out of range
+        print_help(cfg)
+        sys.exit(0)
     check_config(cfg)
     return cfg
+
+
+def print_help(cfg):
+    """The file docstring, then every setting with the value in force and its comment from TrainConfig's source."""
+    comments, sections = setting_comments()
+    lines = [__doc__.strip(), "", "Settings in force (defaults, then the config file, then the flags given):"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in sections:
+            lines.append(f"  # {sections[f.name]}")
+        note = f"  # {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"  --{f.name}={getattr(cfg, f.name)!r}{note}")
+    lines.append(f"With --init_from=resume the run's saved settings are restored; only {', '.join(RESUMABLE)} may "
+                 f"be given again with another value.")
+    print("\n".join(lines))
+
+
+def setting_comments():
+    """({setting: its trailing comment}, {setting: the section comment above it}) read from TrainConfig's source
+    with tokenize, so --help says what the code says and cannot drift from it."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    first, comments, sections, section = {}, {}, {}, None  # first: line -> the first name on it
+    for t in tokenize.generate_tokens(io.StringIO(inspect.getsource(TrainConfig)).readline):
+        row = t.start[0]
+        if t.type == tokenize.NAME and row not in first:
+            first[row] = t.string
+            if t.string in names and section:
+                sections[t.string], section = section, None
+        elif t.type == tokenize.COMMENT:
+            text = t.string.lstrip("#").strip()
+            if first.get(row) in names:
+                comments[first[row]] = text
+            else:  # a comment on a line of its own heads the settings below it
+                section = text
+    return comments, sections
 
 
 def resume_values(given):
@@ -380,11 +423,13 @@ def _alive(pid):
 # data: a seeded, length-grouped order of micro-batches, the same for every world size
 
 
-def dataset(path, tok, img_cfg, tokens, cfg):
-    """A records file as training samples; tokens None (a plain Qwen2-VL) reads it without perception tokens."""
+def dataset(path, tok, img_cfg, tokens, cfg, records):
+    """A records file (read and checked: data.checked_records) as training samples; tokens None (a plain Qwen2-VL)
+    reads it without perception tokens."""
     if tokens is None:
-        return data.VPTDataset(path, tok, img_cfg, max_len=cfg.max_len)
-    return data.VPTDataset(path, tok, img_cfg, cfg.encoder, tokens.pad, tokens.act, max_len=cfg.max_len)
+        return data.VPTDataset(path, tok, img_cfg, max_len=cfg.max_len, records=records)
+    return data.VPTDataset(path, tok, img_cfg, cfg.encoder, tokens.pad, tokens.act, max_len=cfg.max_len,
+                           records=records)
 
 
 def micro_batches(dataset, cfg, epoch):
@@ -738,6 +783,10 @@ def main(cfg):
 
 
 def run(cfg):
+    # --- the data files first, every image header opened once: a typo fails in a second, not after the model's
+    # download and load
+    records = {path: data.checked_records(path) for path in dict.fromkeys((cfg.train_data, cfg.val_data))}
+
     # --- setup: one process, or one of several under torchrun
     ddp, rank, world, device = setup_ddp(cfg)
     master = rank == 0
@@ -771,9 +820,10 @@ def run(cfg):
 
     # --- data: one step-indexed schedule per split
     tokens = getattr(raw, "tokens", None)  # the perception tokens; a plain Qwen2-VL has none
-    train_schedule = Schedule(dataset(cfg.train_data, tok, img_cfg, tokens, cfg), cfg, rank, world)
+    train_set, val_set = (dataset(p, tok, img_cfg, tokens, cfg, records[p]) for p in (cfg.train_data, cfg.val_data))
+    train_schedule = Schedule(train_set, cfg, rank, world)
     val_cfg = dataclasses.replace(cfg, grad_accum=1)  # validation: eval_iters micro-batches per process
-    val_schedule = Schedule(dataset(cfg.val_data, tok, img_cfg, tokens, cfg), val_cfg, rank, world)
+    val_schedule = Schedule(val_set, val_cfg, rank, world)
     collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
     train_batches = loader(train_schedule, iter_num, cfg.max_iters, collate, cfg.num_workers)
     perception = torch.tensor(sorted(tokens.perception())) if tokens else None
@@ -880,4 +930,5 @@ if __name__ == "__main__":
         else:
             main(parse_config(sys.argv[1:]))
     except (M.UserError, OSError) as e:  # the user's settings, files or disk: one line; a bug keeps its traceback
-        sys.exit(f"train.py: error: {e}")
+        # under torchrun every rank meets the same error: rank 0 says it, the others exit with the same status quietly
+        sys.exit(f"train.py: error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
