@@ -766,6 +766,60 @@ def evaluate(model, batches, perception, ctx, device):
 # -----------------------------------------------------------------------------
 
 
+def record_metrics(cfg, step, row, wandb_row):
+    """One row of out_dir/metrics.jsonl, and the same figures to Weights & Biases when wandb_project is set."""
+    append_metrics(cfg.out_dir, dict(step=step, **row))
+    if cfg.wandb_project:
+        import wandb  # its presence is checked when the run starts
+        wandb.log(wandb_row, step=step)
+
+
+def validate(model, batches, perception, ctx, device, iter_num, cfg, master) -> float:
+    """The validation loss at step iter_num, logged with the perception-token accuracy (when the model has those
+    tokens) and recorded by the master process."""
+    val_loss, acc = evaluate(model, batches, perception, ctx, device)
+    has_acc = perception is not None and math.isfinite(acc)  # a plain Qwen2-VL has no perception tokens
+    log(f"step {iter_num}: val loss {val_loss:.4f}" + (f", perception-token accuracy {acc:.3f}" if has_acc else ""))
+    if master:
+        row = {"val_loss": val_loss, **({"perception_acc": acc} if has_acc else {})}
+        record_metrics(cfg, iter_num, row, {"val/loss": val_loss, **({"val/perception_acc": acc} if has_acc else {})})
+    return val_loss
+
+
+class Meter:
+    """What a log line reports: this process's tokens and FLOPs since the last line, the time they took
+    (evaluation left out), the samples dropped so far, and the loss smoothed over logged steps."""
+
+    def __init__(self, iter_num):
+        self.t0, self.last_logged, self.smooth, self.dropped = time.perf_counter(), iter_num, None, 0
+        self.seen = torch.zeros(2, dtype=torch.float64)  # (tokens, flops)
+
+    def count(self, batch, model):
+        self.seen += torch.tensor([batch["padding_mask"].sum().item(), batch_flops(model, batch)])
+
+    def report(self, iter_num, total, n_global, lr, cfg, ddp, world, device, master):
+        """Logs step iter_num: total is this process's summed loss of the step, n_global the supervised tokens of
+        the global batch; under DDP both sums are all-reduced first."""
+        seen = self.seen.to(device)
+        if ddp:
+            dist.all_reduce(total)
+            dist.all_reduce(seen)  # every process's tokens and flops
+        loss = total.item() / n_global  # the global per-token mean
+        self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
+        dt = time.perf_counter() - self.t0
+        ms = dt * 1000 / (iter_num - self.last_logged)
+        tps, flops_per_s = (seen / dt).tolist()
+        line = (f"step {iter_num}/{cfg.max_iters}: loss {loss:.4f}, smoothed {self.smooth:.4f}, lr {lr:.2e}, "
+                f"{ms:.0f} ms/step, {tps:,.0f} tokens/s, ETA {duration(ms / 1000 * (cfg.max_iters - iter_num))}")
+        line += gpu_stats(flops_per_s, world) if device.startswith("cuda") else ""
+        log(line + (f", {self.dropped} samples over max_len dropped" if self.dropped else ""))
+        if master:
+            row = dict(loss=loss, loss_smooth=self.smooth, lr=lr, ms_per_step=ms, tokens_per_s=tps,
+                       flops_per_s=flops_per_s)
+            record_metrics(cfg, iter_num, row, {f"train/{k}": v for k, v in row.items()})
+        self.t0, self.last_logged, self.seen = time.perf_counter(), iter_num, torch.zeros(2, dtype=torch.float64)
+
+
 def main(cfg):
     """The run, holding out_dir's lock (the first process takes it); a new run never replaces a checkpoint unless
     told to (overwrite)."""
@@ -843,26 +897,16 @@ def run(cfg):
     if master and cfg.init_from != "resume":
         open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a new run starts a new log; resume appends
     model.train()
-    dropped, t0, last_logged, smooth = 0, time.perf_counter(), iter_num, None
-    seen = torch.zeros(2, dtype=torch.float64)  # this process's (tokens, flops) since the last log line
+    meter = Meter(iter_num)
     while True:
         done = iter_num >= cfg.max_iters
         if iter_num > first and (done or (cfg.eval_interval and iter_num % cfg.eval_interval == 0)):
             t_eval = time.perf_counter()  # evaluation and saving are left out of ms/step
             val_batches = loader(val_schedule, 0, cfg.eval_iters, collate, cfg.num_workers)
-            val_loss, acc = evaluate(raw, val_batches, perception, ctx, device)
-            has_acc = perception is not None and math.isfinite(acc)  # a plain Qwen2-VL has no perception tokens
-            log(f"step {iter_num}: val loss {val_loss:.4f}"
-                + (f", perception-token accuracy {acc:.3f}" if has_acc else ""))
-            best_val = min(best_val, val_loss)
-            if master:
-                append_metrics(cfg.out_dir, dict(step=iter_num, val_loss=val_loss, **({"perception_acc": acc}
-                                                                                       if has_acc else {})))
-                if cfg.wandb_project:
-                    wandb.log({"val/loss": val_loss, **({"val/perception_acc": acc} if has_acc else {})}, step=iter_num)
+            best_val = min(best_val, validate(raw, val_batches, perception, ctx, device, iter_num, cfg, master))
             if master:
                 save_checkpoint(raw, tok, img_cfg, optimizer, iter_num, best_val, cfg)
-            t0 += time.perf_counter() - t_eval
+            meter.t0 += time.perf_counter() - t_eval
         if done:
             break
         lr_scale = get_lr(iter_num, cfg)
@@ -879,12 +923,12 @@ def run(cfg):
             sync = model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 if batch is None:  # every sample of the micro-batch was over max_len
-                    dropped += cfg.batch_size
+                    meter.dropped += cfg.batch_size
                     loss_sum = torch.zeros((), device=device)
                 else:
-                    dropped += batch.pop("dropped")
+                    meter.dropped += batch.pop("dropped")
                     batch["mask_modeling"] = mask_draw(batch, cfg, k)
-                    seen += torch.tensor([batch["padding_mask"].sum().item(), batch_flops(raw, batch)])
+                    meter.count(batch, raw)
                     batch = to_device(batch, device)
                     with ctx:
                         _, loss = model(batch, batch["targets"])  # mean over the micro-batch's supervised tokens
@@ -897,27 +941,7 @@ def run(cfg):
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            seen = seen.to(device)
-            if ddp:
-                dist.all_reduce(total)
-                dist.all_reduce(seen)  # every process's tokens and flops
-            loss = total.item() / n_global  # the global per-token mean
-            smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss  # over logged steps
-            dt = time.perf_counter() - t0
-            ms = dt * 1000 / (iter_num - last_logged)
-            tps, flops_per_s = (seen / dt).tolist()
-            line = (f"step {iter_num}/{cfg.max_iters}: loss {loss:.4f}, smoothed {smooth:.4f}, lr "
-                    f"{cfg.lr * lr_scale:.2e}, {ms:.0f} ms/step, {tps:,.0f} tokens/s, "
-                    f"ETA {duration(ms / 1000 * (cfg.max_iters - iter_num))}")
-            line += gpu_stats(flops_per_s, world) if device.startswith("cuda") else ""
-            log(line + (f", {dropped} samples over max_len dropped" if dropped else ""))
-            if master:
-                record = dict(loss=loss, loss_smooth=smooth, lr=cfg.lr * lr_scale, ms_per_step=ms, tokens_per_s=tps,
-                              flops_per_s=flops_per_s)
-                append_metrics(cfg.out_dir, dict(step=iter_num, **record))
-                if cfg.wandb_project:
-                    wandb.log({f"train/{k}": v for k, v in record.items()}, step=iter_num)
-            t0, last_logged, seen = time.perf_counter(), iter_num, torch.zeros(2, dtype=torch.float64)
+            meter.report(iter_num, total, n_global, cfg.lr * lr_scale, cfg, ddp, world, device, master)
     if ddp:
         dist.destroy_process_group()
     return raw
