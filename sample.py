@@ -86,6 +86,8 @@ def check_args(args):
     for key, ok, need in rules:
         if not ok:
             raise M.UserError(f"--{key} {getattr(args, key)}: must be {need}")
+    if args.eval and not os.path.isfile(args.eval):
+        raise M.UserError(f"--eval {args.eval}: no such records file")
     for path in args.image:  # the header alone: a missing file or a refused shape is said before the model loads
         try:
             data.check_aspect(*data.image_size(path))

@@ -1840,7 +1840,6 @@ def test_a_bad_val_image_stops_the_run_before_any_step(vpt_dir, tmp_path):
 
 
 def test_eval_asks_the_first_user_turn_with_its_system_message(vpt_dir, chat_dir, tmp_path, monkeypatch, capsys):
-    import sample
     system = {"role": "system", "content": "Answer in one word."}
     f = write_records(tmp_path, {**GOOD, "messages": [system, *GOOD["messages"]]},
                       {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]})
@@ -1865,7 +1864,6 @@ def test_eval_asks_the_first_user_turn_with_its_system_message(vpt_dir, chat_dir
 
 
 def test_thin_images_stay_legal_and_too_thin_ones_say_their_size(vpt_dir, tmp_path):
-    import sample
     Image.fromarray(_rgb(10, 1990, seed=1)).save(tmp_path / "thin.png")  # ratio 199: Qwen2-VL takes it
     Image.new("RGB", (10000, 10)).save(tmp_path / "wide.png")
     assert data.limit_side(Image.open(tmp_path / "thin.png"), 512).size == (512, 3)
@@ -1897,9 +1895,9 @@ def test_loader_errors_name_the_file(vpt_dir, tmp_path):
     (["--top_p", "2"], "--top_p 2.0: must be in \\[0, 1\\]"), (["--top_k", "-1"], "--top_k -1: must be 0"),
     (["--temperature", "-1"], "--temperature -1.0: must be 0 \\(greedy\\) or more"),
     (["--device", "cuda"], "--device cuda: must be cpu: this machine has no CUDA device"),
-    (["--vpt", "maybe"], "argument --vpt: invalid choice: 'maybe'")])
+    (["--vpt", "maybe"], "argument --vpt: invalid choice: 'maybe'"),
+    (["--eval", "missing.jsonl"], "--eval missing.jsonl: no such records file")])
 def test_sampler_options_are_checked_at_parse_time(argv, message, monkeypatch):
-    import sample
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(M.UserError, match=message):
         sample.parse_args(["--init_from", "x", "--device", "cpu", *argv])
@@ -1913,7 +1911,6 @@ def test_top_k_0_is_no_filter_and_top_p_0_the_best_token():
 
 
 def test_prompt_longer_than_max_positions_warns(chat_dir, tmp_path, capsys):
-    import sample
     d = tmp_path / "short"
     shutil.copytree(chat_dir, d)
     cfg = json.loads((d / "config.json").read_text())
@@ -2020,12 +2017,15 @@ def test_logs_metrics_file_plot_and_baseline_eval(chat_dir, vpt_dir, uneven_dir,
         [(2, True, False), (2, False, True), (3, True, False), (3, False, True)], rows
     assert rows[0]["flops_per_s"] > 0 and rows[2]["ms_per_step"] > 0
     try:
-        import matplotlib  # noqa: F401 (optional: with it, a picture; without it, one sentence)
+        import matplotlib  # noqa: F401 (optional: with it, a picture; without it, a one-line error)
         assert train.plot(str(out)) == str(out / "curves.png") and (out / "curves.png").stat().st_size > 0
     except ImportError:
         pass
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    assert train.plot(str(out)) is None and "pip install matplotlib" in capsys.readouterr().out
+    with pytest.raises(M.UserError, match="pip install matplotlib"):
+        train.plot(str(out))
+    with pytest.raises(M.UserError, match="no metrics.jsonl"):
+        train.plot(str(tmp_path))
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(SystemExit, match="pip install wandb"):
         train.main(dataclasses.replace(cfg, wandb_project="p", overwrite=True))  # a second run into out_dir

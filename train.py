@@ -683,15 +683,18 @@ def append_metrics(out_dir, record):
 
 def plot(out_dir):
     """out_dir/metrics.jsonl -> out_dir/curves.png: training loss (raw and smoothed) with validation loss,
-    perception-token accuracy and learning rate against the step. A resumed run's steps logged twice keep the last."""
+    perception-token accuracy and learning rate against the step. A resumed run's steps logged twice keep the last.
+    Raises UserError without metrics.jsonl or without matplotlib (an optional dependency)."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        raise M.UserError(f"--plot {out_dir}: no metrics.jsonl there; give the out_dir of a training run")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plotting needs matplotlib, an optional dependency: pip install matplotlib")
-        return None
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+        raise M.UserError("plotting needs matplotlib, an optional dependency: pip install matplotlib") from None
+    rows = [json.loads(line) for line in open(metrics)]
     series = {}
     for r in rows:
         for k, v in r.items():
