@@ -424,7 +424,7 @@ def open_image(ref, base_dir, max_side):
     return limit_side(img.crop(box) if box else img, max_side)
 
 
-IMAGE_KEYS = ("images", "detection_images", "clip_images")
+IMAGE_KEYS = ("images", *(key for _, key in EXTRA_PLACEHOLDERS.values()))  # every image list a record has
 ROLE_ORDER = "an optional system message, then user and assistant turns in turn, the assistant's last"
 
 

@@ -1822,6 +1822,9 @@ def with_(**kw):
      r"record 1: images\[0\] 'a.png_200,150,400,400': crop box \(200, 150, 400, 400\) is outside the 260x200 image"),
     (with_(images=["nope.png"]), r"record 1: images\[0\] 'nope.png': image file not found"),
     (with_(images=["big.png"]), r"record 1: images\[0\] 'big.png': cannot read image .*big.png: Image size"),
+    (with_(messages=[{"role": "user", "content": "<image><seg_image>\nWhat is in the picture?"},
+                     {"role": "assistant", "content": "A boat."}], seg_images=["nope.png"]),
+     r"record 1: seg_images\[0\] 'nope.png': image file not found"),  # every image list is checked, SAM's too
 ])
 def test_record_errors_name_file_record_and_field(bad, message, tmp_path, vpt_dir, monkeypatch):
     f = write_records(tmp_path, GOOD, bad)
