@@ -2340,8 +2340,15 @@ def test_eval_records_copied_elsewhere_resolve_images_with_image_root(vpt_dir, t
         sample.main([*common, "--eval", str(copy)])
     with pytest.raises(M.UserError, match=r"\(paths resolve against --image_root .*elsewhere\); pass --image_root"):
         sample.main([*common, "--eval", str(copy), "--image_root", str(elsewhere)])
-    with pytest.raises(M.UserError, match="--image_root nowhere: no such folder"):
-        sample.main([*common, "--eval", str(copy), "--image_root", "nowhere"])
     got = sample.main([*common, "--eval", str(copy), "--image_root", str(tmp_path / "data")])
     head = write_records(tmp_path / "data2", *EVAL_RECORDS[:2])  # the same two records beside their image
     assert got == sample.main([*common, "--eval", str(head)]), "the same records, the same scores"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--out", "no/such/p.jsonl"], "--out no/such/p.jsonl: no such folder .*no/such$"),
+    (["--image_root", "nowhere"], "--image_root nowhere: no such folder")])
+def test_eval_options_are_checked_at_parse_time(argv, message):
+    with pytest.raises(M.UserError, match=message):
+        sample.parse_args(["--init_from", "x", "--device", "cpu", *argv])
