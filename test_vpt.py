@@ -2291,3 +2291,163 @@ def test_train_checks_the_data_files_before_it_builds_the_model(tmp_path, monkey
     good, bad = write_records(tmp_path / "good", GOOD), write_records(tmp_path / "bad", {**GOOD, "images": ["b.png"]})
     with pytest.raises(M.UserError, match="record 0: images\\[0\\] 'b.png': image file not found"):  # the val file too
         train.main(train.parse_config([*base, f"--train_data={good}", f"--val_data={bad}"]))
+
+
+# -----------------------------------------------------------------------------
+# issue 11: evaluation (sample.py --eval in batches, --out predictions, VQA normalisation and ANLS, --image_root)
+
+
+@pytest.mark.parametrize("text, normal", [
+    ("Two dogs.", "2 dogs"), ("2 dogs", "2 dogs"),  # a period before no digit goes; number words -> digits
+    ("The cat", "cat"), ("an apple", "apple"),  # articles dropped, after lower case
+    ("Hello, world!", "hello world"),  # ", " touches a space: dropped; "!" touches none: a space
+    ("yes/no", "yes no"), ("dogs?", "dogs"),
+    ("1,000 people", "1000 people"),  # a digit,digit comma: every mark dropped
+    ("3.5", "3.5"), ("Room 2.", "room 2"),  # vqaEval.py's periodStrip keeps "3.5" and strips "2."
+    ("none", "0"), ("Ten\tapples", "10 apples"), ("eleven", "eleven"),  # zero..ten only
+    ("I dont know", "i don't know"), ("couldnt've", "couldn't've"), ("twas", "'twas")])  # contractions restored
+def test_vqa_normalisation_hand_computed(text, normal):
+    assert sample.vqa_normalize(text) == normal, (text, sample.vqa_normalize(text))
+
+
+def test_anls_and_levenshtein_hand_computed():
+    assert sample.levenshtein("kitten", "sitting") == 3  # k->s, e->i, +g
+    assert sample.levenshtein("", "abc") == 3 and sample.levenshtein("abc", "abc") == 0
+    assert sample.anls("Denver Bronkos", ["Denver Broncos"]) == pytest.approx(13 / 14)  # one typo in 14 characters
+    assert sample.anls("dear  DR. lobo", ["Dear Dr. Lobo"]) == 1.0  # case and runs of spaces do not count
+    assert sample.anls("12/15/89", ["Dear Dr. Lobo", "12/15/88"]) == pytest.approx(7 / 8)  # the best truth counts
+    assert sample.anls("abc", ["abd"]) == pytest.approx(2 / 3)  # NL 1/3, under the threshold
+    assert sample.anls("ab", ["ax"]) == 0.0  # NL 0.5: at the threshold, scored 0
+    assert sample.anls("Denver", ["Denver Broncos"]) == 0.0  # 8 of 14 characters missing: NL 0.57
+    assert sample.anls("", [""]) == 1.0 and sample.anls("", ["a"]) == 0.0
+
+
+def test_box_overlap_hand_computed():
+    iou, iogt = sample.box_overlap((0, 0, 10, 10), (5, 5, 15, 15))  # a 5x5 overlap of two 10x10 boxes
+    assert iou == pytest.approx(25 / 175) and iogt == pytest.approx(25 / 100)
+
+
+EVAL_RECORDS = [  # images, text-only and a system message mixed, prompts of different lengths: a batch is padded
+    {**GOOD, "box": [20, 30, 120, 150]},
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
+    {"messages": [{"role": "system", "content": "Answer in one word."},
+                  {"role": "user", "content": "<image>\nHow many people are there?"},
+                  {"role": "assistant", "content": "There are 12 people."}], "images": ["a.png_20,30,120,150"]},
+    {"messages": [{"role": "user", "content": "<image>\nWhere is the dog? It is in the top left corner of the mat."},
+                  {"role": "assistant", "content": "Now answer the question.\nThe top left corner."}],
+     "images": ["a.png"]},
+    {"messages": [{"role": "user", "content": "Describe this image."}, {"role": "assistant", "content": "A cat."}]}]
+
+
+def read_predictions(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_eval_batches_a_plain_model_with_the_greedy_answers_of_batch_1(chat_dir, tmp_path, monkeypatch):
+    f = write_records(tmp_path / "r", *EVAL_RECORDS)
+    masks, real_generate = [], M.generate
+    monkeypatch.setattr(M, "generate", lambda m, ids, mask, *a: masks.append(mask.tolist()) or
+                        real_generate(m, ids, mask, *a))
+    sampled, real_answer = [], sample.PlainEngine.answer
+
+    def answer(self, requests):  # keeps the sampled token ids of every answer
+        results = real_answer(self, requests)
+        sampled.extend(r.ids for r in results)
+        return results
+
+    monkeypatch.setattr(sample.PlainEngine, "answer", answer)
+    ids, answers = {}, {}
+    for bs in (1, 3):
+        out = tmp_path / f"p{bs}.jsonl"
+        sample.main(["--init_from", str(chat_dir), "--eval", str(f), "--vpt", "off", "--batch_size", str(bs),
+                     "--max_new_tokens", "8", "--device", "cpu", "--out", str(out)])
+        ids[bs], answers[bs] = sampled[:], [p["answer"] for p in read_predictions(out)]
+        sampled.clear()
+    assert [len(m) for m in masks] == [1] * 5 + [3, 2], "5 records: batches of 1, then 3 + 2"
+    for m in masks[5:]:  # the longest prompt of a batch fills it, the others are padded on the left
+        assert min(row.count(0) for row in m) == 0 and max(row.count(0) for row in m) > 0, m
+        assert all(row == sorted(row) for row in m), "padding on the left"
+    assert ids[3] == ids[1] and answers[3] == answers[1], (ids[3], ids[1])
+    assert len({tuple(row) for row in ids[1]}) >= 3, f"the comparison needs answers that differ: {ids[1]}"
+
+
+def test_eval_writes_a_prediction_per_record_with_rounds_and_scores(vpt_dir, tmp_path, capsys):
+    f = write_records(tmp_path / "r", *EVAL_RECORDS)
+    out = tmp_path / "predictions.jsonl"
+    common = ["--init_from", str(vpt_dir), "--vpt", "region", "--max_new_tokens", "8", "--device", "cpu"]
+    s = sample.main([*common, "--eval", str(f), "--batch_size", "2", "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert "eval: 100%" in err and "5/5" in err, f"no progress bar on stderr: {err!r}"
+    assert stdout.count("\n") == 1 and "(5 records, --vpt region): exact match" in stdout and "ANLS" in stdout
+    rows = read_predictions(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert set(rows[0]) == {"index", "question", "answer", "truth", "rounds", "exact", "normalised", "anls",
+                            "correct"}
+    assert rows[3]["question"] == "Where is the dog? It is in the top left corner of the mat."
+    assert rows[3]["truth"] == "The top left corner.", "the truth loses the authors' answer prefix"
+    model, _, _ = vpt.from_pretrained(str(vpt_dir))
+    grid, margin = model.vcfg.grid, model.vcfg.region_margin
+    for r, size in zip(rows, [(260, 200), None, (100, 120), (260, 200), None]):  # record 2's image is a crop
+        assert [rd["kind"] for rd in r["rounds"]] == (["region"] if size else []), r  # forced; none without image
+        assert r["correct"] == r["exact"] == (r["answer"] == r["truth"])
+        assert r["normalised"] == (sample.vqa_normalize(r["answer"]) == sample.vqa_normalize(r["truth"]))
+        assert r["anls"] == sample.anls(r["answer"], [r["truth"]])
+        if size:
+            rd = r["rounds"][0]
+            assert list(vpt.cells_to_box(*rd["cells"], *size, grid, margin)) == rd["box"], rd
+    iou, iogt = sample.box_overlap(vpt.cells_to_box(*rows[0]["rounds"][0]["cells"], 260, 200, grid, margin=0),
+                                   (20, 30, 120, 150))
+    assert (rows[0]["rounds"][0]["iou"], rows[0]["rounds"][0]["iogt"]) == (iou, iogt), "record 0 has a box"
+    assert all("iou" not in r["rounds"][0] for r in rows[2:4]), "records without a box have no IoU"
+    assert s["region"] == 3 / 5 and s["iou"] == iou and s["accuracy"] == sum(r["exact"] for r in rows) / 5
+    # the answer equals the one sample.py prints for the same question (the streaming path, not the engine)
+    sample.main([*common, "--image", str(f.parent / "a.png"), "--prompt", "Where is the dog? It is in the top left "
+                 "corner of the mat."])
+    assert capsys.readouterr().out.strip() == rows[3]["answer"]
+
+
+def test_eval_interrupted_leaves_no_half_predictions_file(vpt_dir, tmp_path, monkeypatch):
+    f = write_records(tmp_path / "r", *EVAL_RECORDS)
+    out = tmp_path / "predictions.jsonl"
+    out.write_text("an earlier run's predictions\n")
+    real, calls = vpt.Engine.answer, []
+
+    def answer(self, requests, on_token=None):  # the second batch is interrupted (Ctrl-C)
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, requests, on_token)
+
+    monkeypatch.setattr(vpt.Engine, "answer", answer)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--init_from", str(vpt_dir), "--eval", str(f), "--batch_size", "2", "--max_new_tokens", "3",
+                     "--device", "cpu", "--out", str(out)])
+    assert calls == [2, 2] and out.read_text() == "an earlier run's predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl", "r"], "no temporary file left"
+
+
+def test_eval_records_copied_elsewhere_resolve_images_with_image_root(vpt_dir, tmp_path):
+    src = write_records(tmp_path / "data", *EVAL_RECORDS[:3])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy = elsewhere / "val2.jsonl"  # head -2 val.jsonl > elsewhere/val2.jsonl
+    copy.write_text("".join(src.read_text().splitlines(keepends=True)[:2]))
+    common = ["--init_from", str(vpt_dir), "--max_new_tokens", "3", "--device", "cpu"]
+    with pytest.raises(M.UserError, match=rf"val2.jsonl: record 0: images\[0\] 'a.png': no image file "
+                                          rf"{elsewhere / 'a.png'} \(paths resolve against the records file's "
+                                          rf"folder\); pass --image_root DIR"):
+        sample.main([*common, "--eval", str(copy)])
+    with pytest.raises(M.UserError, match=r"\(paths resolve against --image_root .*elsewhere\); pass --image_root"):
+        sample.main([*common, "--eval", str(copy), "--image_root", str(elsewhere)])
+    got = sample.main([*common, "--eval", str(copy), "--image_root", str(tmp_path / "data")])
+    head = write_records(tmp_path / "data2", *EVAL_RECORDS[:2])  # the same two records beside their image
+    assert got == sample.main([*common, "--eval", str(head)]), "the same records, the same scores"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--out", "no/such/p.jsonl"], "--out no/such/p.jsonl: no such folder .*no/such$"),
+    (["--image_root", "nowhere"], "--image_root nowhere: no such folder")])
+def test_eval_options_are_checked_at_parse_time(argv, message):
+    with pytest.raises(M.UserError, match=message):
+        sample.parse_args(["--init_from", "x", "--device", "cpu", *argv])
