@@ -545,8 +545,15 @@ class Engine:
         """The rule that constrains the row's next token."""
         T, g = self.T, row.group
         if row.state == "region":  # the group so far decides: x0, y0, then x1 >= x0, y1 >= y0, then the end
-            return ["x", "y", ("x_ge", T.xs.index(g[0]) if g else 0), ("y_ge", T.ys.index(g[1]) if g[1:] else 0),
-                    "end"][len(g)]
+            if len(g) == 0:
+                return "x"
+            if len(g) == 1:
+                return "y"
+            if len(g) == 2:
+                return "x_ge", T.xs.index(g[0])
+            if len(g) == 3:
+                return "y_ge", T.ys.index(g[1])
+            return "end"
         if row.state == "between":
             return "between"
         can = row.mode != "off" and row.original is not None and row.turns < self.max_rounds
