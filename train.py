@@ -376,7 +376,7 @@ def save_checkpoint(model, tok, img_cfg, optimizer, iter_num, best_val, cfg):
     one complete checkpoint; a failed write (a full disk) removes what it wrote and says so in one sentence.
     Under FSDP every process calls it: the full weights are gathered to the first process, which writes them as
     above, and each process writes its shard of the AdamW state into optimizer/ with torch.distributed.checkpoint
-    (DCP, which a resume under another world size also reads), so out_dir must be a filesystem all nodes share."""
+    (DCP), so out_dir must be a filesystem all nodes share."""
     master = not dist.is_initialized() or dist.get_rank() == 0
     name = [None]
     if master:
@@ -691,7 +691,8 @@ def memory_plan(model, B, T, supervised, act_bytes, shards=1):
     trained = sum(share(p) for p in model.parameters() if p.requires_grad)
     if shards > 1:
         layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
-        root = sum(p.numel() for n, p in model.named_parameters() if p not in whole and not n.startswith("model.layers."))
+        root = sum(p.numel() for n, p in model.named_parameters()
+                   if p not in whole and not n.startswith("model.layers."))
         params += (root + 2 * layer_params) * act_bytes
     kv = 2 * c.num_key_value_heads * c.head_dim
     layer = B * T * (8 * c.hidden_size + kv + 4 * c.intermediate_size) * act_bytes
@@ -749,7 +750,8 @@ def log_memory_plan(model, batch, cfg, device, world):
     plan = memory_plan(model, B, T, supervised, act_bytes, shards)
     at_max = memory_plan(model, B, cfg.max_len, supervised * cfg.max_len // T, act_bytes, shards)["activations"]
     gib = lambda n: f"{n / 2**30:.2f} GiB"
-    line = (f"memory plan per process{f' (FSDP over {shards})' if shards > 1 else ''}: parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, "
+    fsdp = f" (FSDP over {shards})" if shards > 1 else ""
+    line = (f"memory plan per process{fsdp}: parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, "
             f"AdamW state {gib(plan['optimizer'])}, activations {gib(plan['activations'])} for the first "
             f"micro-batch ({B} x {T} tokens; {gib(at_max)} at {B} x max_len {cfg.max_len}): "
             f"total {gib(sum(plan.values()))}")
