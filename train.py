@@ -2,13 +2,14 @@
 Trains Qwen2-VL with Visual Perception Tokens, or without them (the baseline), nanoGPT style: one process on a CPU
 or one GPU,
     python train.py config/synth.py --device=cpu
-or DDP across GPUs and nodes with torchrun,
+or DDP across GPUs and nodes with torchrun (FSDP2 with --fsdp=True),
     torchrun --standalone --nproc_per_node=8 train.py config/vpt_2b_det.py
 Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value
 or --key value; --help prints the values in force after the arguments given with it, and what each one means.
 This file owns the training config and its parser, the learning-rate schedule, building or resuming the model,
-parameter groups and stages (LoRA in lora.py), checkpoints with their resume state, the step-indexed data order (the
-same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging and the loop.
+parameter groups and stages (LoRA in lora.py), FSDP sharding, checkpoints with their resume state, the step-indexed
+data order (the same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging
+and the loop.
 Citations as in vpt.py: "VPT §n" is the paper (arXiv 2502.17425), file and key names are the authors' repository
 (github.com/yu-rp/VisualPerceptionToken).
 """
