@@ -3,7 +3,9 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
     python bench.py load [--preset qwen2-vl-2b]   load time and peak RSS of a random checkpoint of the real shape, bf16
     python bench.py vpt                           a region-selection answer: one continuous KV cache vs the authors'
                                                   second round (a fresh prefill of the whole transcript), mid-size
-                                                  model; then SAM-L's share of a re-encode answer's time
+                                                  model; region and re-encode answers vs a plain one of the same
+                                                  length; the batch sweep (records/s against batch 1); then SAM-L's
+                                                  share of a re-encode answer's time
     python bench.py train [--steps 3]             a training step (forward, backward, AdamW) of the 2B widths at
                                                   reduced depth: tokens/s and MFU vs transformers, and the VPT path
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
@@ -91,6 +93,14 @@ def mid_model(encoder="dino"):
     return vpt.VPT(cfg, vcfg, tokens).eval(), tok
 
 
+def fixed_length(model, tok, img_cfg, mode, n_tokens, **kw):
+    """An engine whose answers are exactly n_tokens long (no stop ids), so that both sides of a comparison decode the
+    same number of tokens."""
+    engine = vpt.Engine(model, tok, img_cfg, mode, max_new_tokens=n_tokens, **kw)
+    engine.stop = set()
+    return engine
+
+
 def bench_vpt(answer_tokens=32, repeats=3):
     torch.manual_seed(0)
     model, tok = mid_model("dino")
@@ -99,42 +109,65 @@ def bench_vpt(answer_tokens=32, repeats=3):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
     img_cfg = data.ImageConfig()
     q = "What number is on the red triangle?"
+    L = 6 + answer_tokens  # a region answer: 6 region tokens, then the answer
+    engines = {mode: fixed_length(model, tok, img_cfg, mode, L) for mode in ("region", "reencode", "off")}
 
-    def ours():
-        s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=6 + answer_tokens)
-        s.stop = set()  # a fixed answer length, so both sides decode the same number of tokens
-        out = list(s.generate(image, q))
-        return s, out[6:]
+    def ours(mode="region"):
+        return engines[mode].answer([vpt.Request(image, q)])[0]
 
-    def theirs(s):
+    def theirs(res):
         """Round 1 (prefill + the 6 region tokens), then round 2 as the authors' harness runs it: the transcript
         up to the new assistant turn prefilled from scratch, both images through the ViT again, then decode."""
         view = data.limit_side(image, vcfg.image_resolution)
         pv, grid = data.process_images([view], img_cfg)
-        prompt = torch.tensor([s.ids[:s.prompt_len]])
+        prompt = torch.tensor([res.transcript[:res.prompt_len]])
         list(M.generate(model, prompt, None, pv, grid, max_new_tokens=6))
-        crop = data.limit_side(image.crop(s.rounds[0].box), vcfg.image_resolution)
+        crop = data.limit_side(image.crop(res.rounds[0].box), vcfg.image_resolution)
         pv2, grid2 = data.process_images([view, crop], img_cfg)
-        transcript = torch.tensor([s.ids[:len(s.ids) - answer_tokens + 1]])  # through "<|im_start|>assistant\n"
+        transcript = torch.tensor([res.transcript[:len(res.transcript) - answer_tokens + 1]])  # to "assistant\n"
         return [int(t) for t in M.generate(model, transcript, None, pv2, grid2, max_new_tokens=answer_tokens)]
 
     with torch.no_grad():
-        s, answer = ours()  # warm-up, and the transcript for the baseline
-        same = theirs(s) == answer
-        t_ours, t_theirs = [], []
-        for _ in range(repeats):
+        res = ours()  # warm-up, and the transcript for the baseline
+        same = theirs(res) == res.ids[6:]
+        times = {k: [] for k in ("region", "theirs", "reencode", "off")}
+        for _ in range(repeats):  # alternating, so that a change of load hits every side alike
+            for mode in ("region", "reencode", "off"):
+                t0 = time.perf_counter()
+                ours(mode)
+                times[mode].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            s, _ = ours()
-            t_ours.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            theirs(s)
-            t_theirs.append(time.perf_counter() - t0)
-    a, b = min(t_ours), min(t_theirs)
-    print(f"random VPT model, {n / 1e6:.1f} M parameters, 448x448 image ({s.prompt_len} prompt tokens), crop "
-          f"{s.rounds[0].box}, {answer_tokens} answer tokens, CPU, best of {repeats}")
-    print(f"continuous cache: {a:.3f} s; re-prefill for round two: {b:.3f} s; ratio {a / b:.2f}x; "
-          f"same answer tokens: {same}")
+            theirs(res)
+            times["theirs"].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"random VPT model, {n / 1e6:.1f} M parameters, 448x448 image ({res.prompt_len} prompt tokens), "
+          f"{answer_tokens} answer tokens, CPU, best of {repeats}")
+    print(f"region answer, continuous cache: {best['region']:.3f} s; re-prefill for round two: {best['theirs']:.3f} s;"
+          f" ratio {best['region'] / best['theirs']:.2f}x; same answer tokens: {same}")
+    print(f"against a plain answer of the same {L} tokens ({best['off']:.3f} s): region {best['region'] / best['off']:.2f}x"
+          f", re-encode {best['reencode'] / best['off']:.2f}x the time")
+    bench_batch(model, tok, img_cfg)
     bench_sam_share(image, q, answer_tokens)
+
+
+def bench_batch(model, tok, img_cfg, n_requests=16, answer_tokens=16, sizes=(1, 4, 8, 16)):
+    """Evaluation throughput: n_requests region questions about different 224 px images, answered batch by batch
+    (sample.py --eval --batch_size), records/s against batch 1, and whether the greedy answers are identical."""
+    rng = np.random.default_rng(1)
+    reqs = [vpt.Request(Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)), f"Where is shape {i}?")
+            for i in range(n_requests)]
+    engine = fixed_length(model, tok, img_cfg, "region", 6 + answer_tokens)
+    rate, answers = {}, {}
+    with torch.no_grad():
+        engine.answer(reqs[:2])  # warm-up
+        for bs in sizes:
+            t0 = time.perf_counter()
+            answers[bs] = [r.ids for i in range(0, n_requests, bs) for r in engine.answer(reqs[i:i + bs])]
+            rate[bs] = n_requests / (time.perf_counter() - t0)
+    print(f"batched region answers, {n_requests} requests of 224x224, {6 + answer_tokens} tokens each, one run:")
+    print("| batch | records/s | vs batch 1 | same answers as batch 1 |\n|---|---|---|---|")
+    for bs in sizes:
+        print(f"| {bs} | {rate[bs]:.2f} | {rate[bs] / rate[sizes[0]]:.2f}x | {answers[bs] == answers[sizes[0]]} |")
 
 
 def bench_sam_share(image, q, answer_tokens):
@@ -146,11 +179,10 @@ def bench_sam_share(image, q, answer_tokens):
     spent = []
     model.seg_model.register_forward_pre_hook(lambda m, args: spent.append(-time.perf_counter()))
     model.seg_model.register_forward_hook(lambda m, args, out: spent.append(spent.pop() + time.perf_counter()))
-    s = vpt.Sampler(model, tok, data.ImageConfig(), "reencode", max_new_tokens=1 + answer_tokens)
-    s.stop = set()  # a fixed answer length, as above
+    engine = fixed_length(model, tok, data.ImageConfig(), "reencode", 1 + answer_tokens)
     with torch.no_grad():
         t0 = time.perf_counter()
-        list(s.generate(image, q))
+        engine.answer([vpt.Request(image, q)])
         total = time.perf_counter() - t0
     print(f"re-encode answer with SAM-L ({n_sam / 1e6:.0f} M parameters, random, 1024 px) on the same LLM, "
           f"{answer_tokens} answer tokens, CPU, one run: {total:.2f} s, of which SAM {spent[0]:.2f} s "

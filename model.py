@@ -305,28 +305,63 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: k, v (n_layer, B, nkv, max_len, hs). `pos` slots are filled;
-    all rows share it (batches are left-padded), and the padding mask tells which slots are real."""
+    """Preallocated keys and values of every layer, k, v (n_layer, B, nkv, max_len, hs), and how many slots of each
+    row are filled. A forward of T new tokens writes row b's at slots lengths[b] .. lengths[b] + T - 1, and the
+    caller then advances each row by the tokens that were real: rows of different lengths share one cache (the
+    batched sampler's rows, each at its own round; a chunk shorter than T is right-padded, and the padding is
+    overwritten later and never seen). A left-padded batch (generate) keeps all rows equal.
+    static=True returns the whole buffer from update, so a decode step has the same shapes at every length (what
+    CUDA graphs need; the mask must then hide the unfilled slots, as gpt-fast's and transformers' StaticCache do);
+    otherwise update returns slots [0, pos + T), with pos the longest row."""
 
-    def __init__(self, cfg, batch_size, max_len, device, dtype):
+    def __init__(self, cfg, batch_size, max_len, device, dtype, static=False):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.static = static
+        self.lengths = [0] * batch_size  # host copy: no device sync to size a slice or a mask
+        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) the same, for indexing
+        self.pos = 0  # the longest row
+        self.runs = runs(self.lengths)
 
     def update(self, layer, k, v):
+        """k, v (B, nkv, T, hs) of the new tokens -> this layer's keys and values so far (B, nkv, S, hs)."""
         T = k.size(2)
-        assert self.pos + T <= self.k.size(3), f"KV cache full: {self.pos}+{T} > {self.k.size(3)}"
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
+        if self.static:
+            slots = self.lens[:, None] + torch.arange(T, device=k.device)  # (B, T) where each row's tokens go
+            slots = slots[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
+            self.k[layer].scatter_(2, slots, k)
+            self.v[layer].scatter_(2, slots, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, S, hs)
+        assert end <= self.k.size(3), f"KV cache full: {self.pos}+{T} > {self.k.size(3)}"
+        for b, start in self.runs:  # rows [b, b') that start at the same slot: one copy each, no index tensor
+            self.k[layer, b[0]:b[1], :, start:start + T] = k[b[0]:b[1]]
+            self.v[layer, b[0]:b[1], :, start:start + T] = v[b[0]:b[1]]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def advance(self, T):
-        self.pos += T
+    def advance(self, n):
+        """Marks n more slots of every row filled (an int), or n[b] of row b (a list)."""
+        n = [n] * len(self.lengths) if isinstance(n, int) else n
+        self.lengths = [a + b for a, b in zip(self.lengths, n)]
+        assert max(self.lengths) <= self.k.size(3), f"KV cache full: {max(self.lengths)} > {self.k.size(3)}"
+        self.lens = torch.tensor(self.lengths, device=self.k.device)
+        self.pos = max(self.lengths)
+        self.runs = runs(self.lengths)
 
     def layer(self, i):
         return LayerCache(self, i)
+
+
+def runs(lengths):
+    """[((b, b'), length)]: maximal runs of consecutive rows of equal length (one run when all are equal)."""
+    out = []
+    for b, n in enumerate(lengths):
+        if out and out[-1][1] == n:
+            out[-1] = ((out[-1][0][0], b + 1), n)
+        else:
+            out.append(((b, b + 1), n))
+    return out
 
 
 class LayerCache(NamedTuple):
@@ -400,7 +435,9 @@ class Qwen2(nn.Module):
 
     def forward(self, x, position_ids, mask=None, kv_cache=None):
         """(B, T, C) input embeddings at M-RoPE positions (3, B, T) -> (B, T, C) final-normed hidden states.
-        mask: bool (B, 1, T, S), True = may attend; None = plain causal over the new tokens (and all cached ones)."""
+        mask: bool (B, 1, T, S), True = may attend; None = plain causal over the new tokens (and all cached ones).
+        kv_cache: the new keys and values are written after each row's cached ones; the caller advances it by the
+        tokens that are real (KVCache.advance)."""
         cfg = self.cfg
         T = x.size(1)
         if mask is None and kv_cache is not None and kv_cache.pos > 0 and T > 1:
@@ -413,8 +450,6 @@ class Qwen2(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         return self.norm(x)
 
 
@@ -575,6 +610,7 @@ def generate(model, input_ids, padding_mask=None, pixel_values=None, image_grid_
     cache = KVCache(cfg, B, T + max_new_tokens, input_ids.device, model.lm_head.weight.dtype)
     mask = causal_mask(padding_mask, T) if padded else None
     h = model.model(model.embed(input_ids, pixel_values, image_grid_thw), pos, mask, cache)
+    cache.advance(T)
     logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed to sample
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
@@ -588,6 +624,7 @@ def generate(model, input_ids, padding_mask=None, pixel_values=None, image_grid_
         padding_mask = torch.cat([padding_mask, torch.ones_like(padding_mask[:, :1])], dim=1)
         mask = causal_mask(padding_mask, 1, start=cache.pos) if padded else None
         h = model.model(model.model.embed_tokens(nxt[:, None]), pos, mask, cache)
+        cache.advance(1)
         logits = model.lm_head(h[:, -1])
 
 

@@ -8,7 +8,7 @@ to stderr.
         --save_viz out.png
 Without --init_from the model is the demo's, without --image the image is; the demo image's question and
 demo_region.png are the defaults for the demo image only. A VPT checkpoint (model_type qwen2_vl_vpt) answers
-through vpt.Sampler: with --vpt free it decides itself whether to select a region or re-encode the image,
+through vpt.Engine: with --vpt free it decides itself whether to select a region or re-encode the image,
 region/reencode force that path, off answers directly.
 """
 import argparse
@@ -56,6 +56,10 @@ def parse_args(argv=None):
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only)")
     p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer")
+    p.add_argument("--max_regions", type=int, default=1,
+                   help="region groups one round may hold; their crops are appended together as 'Region i: <image>'")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (a CUDA graph on cuda); the first answer pays the compile")
     p.add_argument("--save_viz", default=None, help="write the image enlarged, with the selected regions boxed in "
                    f"red and the question and answer under it (default: {DEMO_VIZ} for the demo image)")
     p.add_argument("--eval", default=None, help="a records file (.jsonl): exact-match accuracy and perception use")
@@ -79,6 +83,7 @@ def check_args(args):
              ("top_k", args.top_k is None or args.top_k >= 0, "0 (no filter) or more"),
              ("top_p", args.top_p is None or 0 <= args.top_p <= 1, "in [0, 1] (0 keeps the best token alone)"),
              ("max_rounds", args.max_rounds >= 0, "0 (no perception round) or more"),
+             ("max_regions", args.max_regions >= 1, "at least 1"),
              ("max_rounds", args.max_rounds >= 1 or not forced,
               f"at least 1 with --vpt {args.vpt}, which forces a perception round"),
              ("device", args.device == "cpu" or torch.cuda.is_available(),
@@ -147,29 +152,38 @@ def main(argv=None):
     stop = tok.stop_ids
     tokens = M.generate(model, ids, None, pixel_values, grid, args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p, stop_ids=stop, generator=gen)
-    return stream(tokens, tok, stop, ids.size(1), max_positions=model.cfg.max_position_embeddings)
+    return stream(tokens, tok, stop, ids.size(1), model.cfg.max_position_embeddings)
 
 
 def answer_vpt(args, path, dtype, gen):
     if len(args.image) != 1:
         sys.exit("a VPT model answers about exactly one image (--image)")
     model, tok, img_cfg = vpt.from_pretrained(path, dtype=dtype, device=args.device)
-    sampler = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, gen)
+    engine = vpt.Engine(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
+                        args.top_k, args.top_p, gen, args.max_regions, args.compile)
     print(f"question: {args.prompt}", file=sys.stderr)
-    ids = stream(answer_tokens(sampler, args.image[0], args.prompt, tok), tok, tok.stop_ids, None, sampler,
-                 model.cfg.max_position_embeddings)
-    for r in sampler.rounds:
+    streamer, perception = Streamer(tok), model.tokens.perception()
+    ends = (model.tokens.region_end, model.tokens.act_end)
+
+    def on_token(_, t):  # perception tokens go to stderr as they come, a group's closing token ends its line
+        if t in perception:
+            print(tok.decode([t]), end="\n" if t in ends else "", file=sys.stderr, flush=True)
+        elif t not in tok.stop_ids:
+            streamer.put(t)
+
+    res = engine.answer([vpt.Request(args.image[0], args.prompt)], on_token)[0]
+    streamer.close()
+    report(res.timings, res.prompt_len, len(res.ids), model.cfg.max_position_embeddings)
+    for r in res.rounds:
         if r.kind == "region":
             print(f"region: x cells {r.cells[0]}, y cells {r.cells[1]} -> box {r.box} on the "
-                  f"{sampler.original.width}x{sampler.original.height} original", file=sys.stderr)
+                  f"{res.original.width}x{res.original.height} original", file=sys.stderr)
         else:
             print(f"re-encode: {model.vcfg.encoder} features conditioned on the control vector", file=sys.stderr)
     if args.save_viz:
-        answer = tok.decode(ids).removeprefix(data.ANSWER_PREFIX).strip()
-        draw_answer(sampler.original, [r.box for r in sampler.rounds if r.box], args.prompt, answer).save(args.save_viz)
+        draw_answer(res.original, [r.box for r in res.rounds if r.box], args.prompt, res.text).save(args.save_viz)
         print(f"wrote {args.save_viz}", file=sys.stderr)
-    return ids
+    return res
 
 
 def draw_answer(image, boxes, question, answer):
@@ -228,11 +242,11 @@ def evaluate(args, path, is_vpt, dtype, gen):
         except M.UserError as e:
             raise M.UserError(f"{args.eval}: record {i}: images[0]: {e}") from None
         if is_vpt:
-            s = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
-                            args.top_k, args.top_p, gen)
-            ids = [t for t in s.generate(image, question, system)
-                   if t not in model.tokens.perception() and t not in stop]
-            for rd in s.rounds:
+            engine = vpt.Engine(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens,
+                                args.temperature, args.top_k, args.top_p, gen, args.max_regions)
+            res = engine.answer([vpt.Request(image, question, system)])[0]
+            ids = [t for t in res.ids if t not in model.tokens.perception() and t not in stop]
+            for rd in res.rounds:
                 kinds[rd.kind] += 1
                 if rd.kind == "region" and "box" in r:
                     cells = vpt.cells_to_box(*rd.cells, image.width, image.height, model.vcfg.grid, margin=0)
@@ -263,42 +277,38 @@ def evaluate(args, path, is_vpt, dtype, gen):
                 iou=overlaps and sum(o[0] for o in overlaps) / len(overlaps))
 
 
-def answer_tokens(sampler, image, prompt, tok):
-    """The sampler's tokens minus the perception tokens, which go to stderr as they come."""
-    T = sampler.model.tokens
-    perception = T.perception()
-    for t in sampler.generate(image, prompt):
-        if t in perception:  # a group's closing token ends its line
-            print(tok.decode([t]), end="\n" if t in (T.region_end, T.act_end) else "", file=sys.stderr, flush=True)
-        else:
-            yield t
-
-
-def stream(tokens, tok, stop, prompt_len, sampler=None, max_positions=None):
-    """Streams decoded tokens to stdout until a stop id; prefill time and decode rate to stderr, and a warning when
-    the prompt is longer than the model's max_position_embeddings."""
+def stream(tokens, tok, stop, prompt_len, max_positions=None):
+    """Streams decoded tokens to stdout until a stop id, then the timings to stderr (report)."""
     streamer = Streamer(tok)
     t0 = time.perf_counter()
     times = []  # arrival time of each token: the first comes right after the prefill, the rest one decode step each
     for t in tokens:
         t = int(t)
         times.append(time.perf_counter())
-        n = prompt_len if prompt_len is not None else sampler.prompt_len
-        if len(times) == 1 and max_positions and n > max_positions:
-            # a warning, not an error: RoPE has no hard limit and transformers runs it too, but positions past the
-            # trained length are extrapolation, and answers degrade there
-            print(f"warning: the prompt is {n} tokens, more than the model's max_position_embeddings "
-                  f"({max_positions}); the answer may be unreliable", file=sys.stderr)
         if t in stop:
             break
         streamer.put(t)
     streamer.close()
-    steps = len(times) - 1
-    rate = f"{steps / (times[-1] - times[0]):.1f} tokens/s" if steps > 0 else "n/a"
-    n = prompt_len if prompt_len is not None else sampler.prompt_len
-    print(f"prefill: {n} tokens in {times[0] - t0:.3f} s; decode: {steps} steps at {rate}" if times else
-          "no tokens generated", file=sys.stderr)
+    timings = dict(prefill_s=times[0] - t0, decode_s=times[-1] - times[0]) if times else None
+    report(timings, prompt_len, len(times), max_positions)
     return streamer.ids
+
+
+def report(timings, prompt_len, n_tokens, max_positions=None):
+    """Prefill time and decode rate on stderr, and a warning when the prompt is longer than the model's
+    max_position_embeddings."""
+    if max_positions and prompt_len > max_positions:
+        # a warning, not an error: RoPE has no hard limit and transformers runs it too, but positions past the
+        # trained length are extrapolation, and answers degrade there
+        print(f"warning: the prompt is {prompt_len} tokens, more than the model's max_position_embeddings "
+              f"({max_positions}); the answer may be unreliable", file=sys.stderr)
+    if not timings:
+        print("no tokens generated", file=sys.stderr)
+        return
+    steps = n_tokens - 1
+    rate = f"{steps / timings['decode_s']:.1f} tokens/s" if steps > 0 and timings["decode_s"] > 0 else "n/a"
+    print(f"prefill: {prompt_len} tokens in {timings['prefill_s']:.3f} s; decode: {steps} steps at {rate}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

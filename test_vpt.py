@@ -3,7 +3,7 @@ nanoVPT tests: pytest, CPU, offline. transformers is the oracle: tiny random che
 the Hub file layout, loaded into ours, and the numbers must agree. Without transformers this file fails to import,
 which fails the suite (it must never be skipped).
 Sections follow the modules: the shared fixtures (tiny checkpoints, tokenizer, images) first, then model.py,
-encoders.py, data.py, vpt.py, vpt.py's sampler, train.py, sample.py and synth.py. A section uses its own fixtures
+encoders.py, data.py, vpt.py, vpt.py's engine, train.py, sample.py and synth.py. A section uses its own fixtures
 and helpers and the shared ones, never another section's.
 """
 import dataclasses
@@ -304,9 +304,11 @@ def test_kv_cache_decode_equals_full_forward(untied_dir):
         ref = ours.lm_head(h[:, ids.size(1) - 1:])  # logits that chose each of the 6 tokens
         cache = M.KVCache(ours.cfg, 2, full.size(1), "cpu", torch.float32)
         steps = [ours.model(ours.embed(ids, pv, grid), pos, M.causal_mask(mask, ids.size(1)), cache)[:, -1]]
+        cache.advance(ids.size(1))
         for t in range(5):
             m = M.causal_mask(full_mask[:, :ids.size(1) + t + 1], 1, start=cache.pos)
             steps.append(ours.model(ours.model.embed_tokens(new[t][:, None]), dec[:, :, t:t + 1], m, cache)[:, -1])
+            cache.advance(1)
         got = ours.lm_head(torch.stack(steps, dim=1))
     diff = (got - ref).abs().max().item()
     print(f"KV-cache vs no-cache logits: {diff:.2e}")
@@ -973,18 +975,18 @@ def test_new_vpt_model_from_base(vpt_dir, chat_dir, dino_dir):
 
 
 # -----------------------------------------------------------------------------
-# vpt.py: the sampler (one KV cache for the whole answer, constrained regions)
+# vpt.py: the engine (a batch of questions on one KV cache, constrained regions)
 
 
-def transcript_logits(model, sampler):
-    """A fresh prefill of the sampler's whole transcript through the training forward: last position's logits."""
-    ids = torch.tensor([sampler.ids])
-    views = [data.limit_side(sampler.original, model.vcfg.image_resolution)]
-    views += [data.limit_side(sampler.original.crop(r.box), model.vcfg.image_resolution)
-              for r in sampler.rounds if r.kind == "region"]
-    pv, grid = process_images(views, sampler.img_cfg)
+def transcript_logits(model, img_cfg, res):
+    """A fresh prefill of a result's whole transcript through the training forward: last position's logits."""
+    ids = torch.tensor([res.transcript])
+    views = [data.limit_side(res.original, model.vcfg.image_resolution)]
+    views += [data.limit_side(res.original.crop(r.box), model.vcfg.image_resolution)
+              for r in res.rounds if r.kind == "region"]
+    pv, grid = process_images(views, img_cfg)
     extra = None
-    if any(r.kind == "reencode" for r in sampler.rounds):
+    if any(r.kind == "reencode" for r in res.rounds):
         extra = process_dino_image(views[0], model.vcfg.image_resolution)[None]
     pos, _ = M.get_rope_index(ids, grid, None, model.cfg.image_token_id)
     batch = dict(input_ids=ids, padding_mask=torch.ones_like(ids), position_ids=pos, pixel_values=pv,
@@ -995,21 +997,118 @@ def transcript_logits(model, sampler):
 
 
 @pytest.mark.parametrize("mode", ["region", "reencode"])
-def test_sampler_cache_equals_fresh_prefill(vpt_dir, mode):
+def test_engine_cache_equals_fresh_prefill(vpt_dir, mode):
     model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
-    s = vpt.Sampler(model, tok, img_cfg, mode, max_new_tokens=12)
-    out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
-    T = model.tokens
-    assert len(s.rounds) == 1 and s.rounds[0].kind == mode
+    res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", "Where is the dog?", mode=mode, max_new_tokens=12)
+    out, T = res.ids, model.tokens
+    assert [r.kind for r in res.rounds] == [mode]
     if mode == "region":
         assert out[0] == T.region_start and out[5] == T.region_end
-        xs, ys = s.rounds[0].cells
+        xs, ys = res.rounds[0].cells
         assert xs[0] <= xs[1] and ys[0] <= ys[1]
     else:
-        assert out[0] == T.act_start and T.act in s.ids and T.pad in s.ids
-    diff = (transcript_logits(model, s) - s.logits[0]).abs().max().item()
+        assert out[0] == T.act_start and T.act in res.transcript and T.pad in res.transcript
+    diff = (transcript_logits(model, img_cfg, res) - res.logits).abs().max().item()
     print(f"{mode}: cached vs fresh-prefill logits {diff:.2e}")
     assert diff <= 1e-5, f"{mode}: the continued cache differs from a fresh prefill by {diff}"
+
+
+def six_requests(vpt_dir):
+    """Six questions that mix a region round, a re-encoding, no round and a text-only question, on images of three
+    sizes (so prompts, crops and rounds differ in length)."""
+    for name, (h, w) in {"wide.png": (90, 300), "tall.png": (260, 120)}.items():
+        if not (vpt_dir / name).exists():
+            Image.fromarray(_rgb(h, w, seed=h)).save(vpt_dir / name)
+    R = vpt.Request
+    return [R(vpt_dir / "a.png", "Where is the dog?", mode="region"), R(vpt_dir / "wide.png", "What is it?",
+            mode="reencode"), R(vpt_dir / "tall.png", "Describe this image.", mode="off"),
+            R(None, "Name a colour.", mode="free"), R(vpt_dir / "tall.png", "Where is the cat?", mode="region"),
+            R(vpt_dir / "a.png", "How many boats?", mode="reencode")]
+
+
+def test_engine_batch_equals_one_at_a_time(vpt_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    reqs = six_requests(vpt_dir)
+    engine = vpt.Engine(model, tok, img_cfg, max_new_tokens=14)
+    batched = engine.answer(reqs)
+    alone = [engine.answer([r])[0] for r in reqs]
+    assert [[r.kind for r in b.rounds] for b in batched] == [["region"], ["reencode"], [], [], ["region"],
+                                                               ["reencode"]]
+    for i, (b, a) in enumerate(zip(batched, alone)):
+        assert b.ids == a.ids and b.text == a.text, f"request {i}: batched {b.ids} vs alone {a.ids}"
+        assert b.rounds == a.rounds and b.transcript == a.transcript
+    worst = 0.0
+    for i, (req, b) in enumerate(zip(reqs, batched)):
+        if req.image is None:  # text only: the plain forward of the transcript
+            ids = torch.tensor([b.transcript])
+            pos, _ = M.get_rope_index(ids, None)
+            with torch.no_grad():
+                fresh = model.lm_head(model.model(model.embed(ids), pos))[0, -1]
+        else:
+            fresh = transcript_logits(model, img_cfg, b)
+        worst = max(worst, (fresh - b.logits).abs().max().item())
+    print(f"batched final logits vs a fresh prefill of each transcript: max abs diff {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def test_engine_several_regions_in_one_turn(vpt_dir):
+    """With max_regions 2 a forced region answer may open a second group; the turn then holds both crops as
+    "Region i: <image>" lines (generate_region_item in the authors' evaluation/evaluation.py)."""
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    T = model.tokens
+    head = model.lm_head
+
+    class Again(torch.nn.Module):  # makes a second group likely after the first closes
+        weight = head.weight
+
+        def forward(self, h):
+            logits = head(h)
+            logits[..., T.region_start] += 30.0
+            return logits
+
+    model.lm_head = Again()
+    res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", "Where?", mode="region", max_regions=2,
+                     max_new_tokens=16)
+    assert [r.kind for r in res.rounds] == ["region", "region"]
+    # the second group reaches max_regions, so its <|region_token_end|> closes the turn at once
+    assert res.ids[:12].count(T.region_start) == 2 and res.ids[11] == T.region_end
+    text = tok.decode(res.transcript[res.prompt_len:])
+    assert "Region 0: <|vision_start|>" in text and "Region 1: <|vision_start|>" in text, text
+    diff = (transcript_logits(model, img_cfg, res) - res.logits).abs().max().item()
+    assert diff <= 1e-5, f"two crops in one turn: cache vs fresh prefill {diff}"
+
+    class Close(torch.nn.Module):  # after one group the model closes the turn itself with <|im_end|>
+        weight = head.weight
+
+        def forward(self, h):
+            logits = head(h)
+            logits[..., T.im_end] += 30.0
+            return logits
+
+    model.lm_head = Close()
+    res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", "Where?", mode="region", max_regions=2,
+                     max_new_tokens=8)
+    assert [r.kind for r in res.rounds] == ["region"] and res.ids[5:7] == [T.region_end, T.im_end]
+    assert "Region 0" not in tok.decode(res.transcript[res.prompt_len:]), "one crop is a plain <image>"
+
+
+def test_engine_prompt_with_image_is_verbatim(vpt_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    prompt = "<image>Where is the dog? Identify the region that can help you answer the question"
+    res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", prompt, mode="free", max_new_tokens=2)
+    messages = [{"role": "user", "content": prompt}]
+    _, grid = process_images([Image.open(vpt_dir / "a.png").convert("RGB")], img_cfg)
+    want, _ = data.encode_chat(tok, messages, grid, True)
+    assert res.transcript[:res.prompt_len] == want
+
+
+def test_engine_compiled_decode_gives_the_same_tokens(vpt_dir):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
+    reqs = six_requests(vpt_dir)[:3]
+    eager = vpt.Engine(model, tok, img_cfg, max_new_tokens=10).answer(reqs)
+    torch._dynamo.reset()
+    compiled = vpt.Engine(model, tok, img_cfg, max_new_tokens=10, compile=True).answer(reqs)
+    assert [r.ids for r in compiled] == [r.ids for r in eager]
 
 
 def test_free_sampling_never_emits_an_invalid_group(vpt_dir):
@@ -1027,30 +1126,30 @@ def test_free_sampling_never_emits_an_invalid_group(vpt_dir):
 
     model.lm_head = Boost()
     seen = 0
-    for seed in range(12):
-        s = vpt.Sampler(model, tok, img_cfg, "free", max_rounds=1, max_new_tokens=8, temperature=1.5,
-                        generator=torch.Generator().manual_seed(seed))
-        out = list(s.generate(vpt_dir / "a.png", "Where is the dog?"))
-        assert len(s.rounds) <= 1
+    engine = vpt.Engine(model, tok, img_cfg, "free", max_rounds=1, max_new_tokens=8, temperature=1.5,
+                        generator=torch.Generator().manual_seed(0))
+    for res in engine.answer([vpt.Request(vpt_dir / "a.png", "Where is the dog?")] * 12):
+        out = res.ids
+        assert len(res.rounds) <= 1
         assert T.act not in out and T.act_end not in out and T.pad not in out, "forced tokens are never sampled"
-        for r in s.rounds:
+        for r in res.rounds:
             seen += r.kind == "region"
             if r.kind == "region":
                 (x0, x1), (y0, y1) = r.cells
                 assert x0 <= x1 and y0 <= y1 and r.box[0] < r.box[2] and r.box[1] < r.box[3]
-        if T.region_start in out and not s.rounds:  # cut off by max_new_tokens inside the group: no round
+        if T.region_start in out and not res.rounds:  # cut off by max_new_tokens inside the group: no round
             assert T.region_end not in out
     assert seen > 0, "no region was sampled: the test checked nothing"
 
 
-def test_sampler_off_mode_and_incomplete_group(vpt_dir):
+def test_engine_off_mode_and_incomplete_group(vpt_dir):
     model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
     T = model.tokens
-    s = vpt.Sampler(model, tok, img_cfg, "off", max_new_tokens=10)
-    assert not set(s.generate(vpt_dir / "a.png", "Where?")) & T.perception() and not s.rounds
-    s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=3)  # stops inside the group
-    out = list(s.generate(vpt_dir / "a.png", "Where?"))
-    assert out[0] == T.region_start and len(out) == 3 and not s.rounds
+    res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", "Where?", mode="off", max_new_tokens=10)
+    assert not set(res.ids) & T.perception() and not res.rounds
+    res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", "Where?", mode="region", max_new_tokens=3)
+    assert res.ids[0] == T.region_start and len(res.ids) == 3 and not res.rounds
+
 
 
 # -----------------------------------------------------------------------------
@@ -1508,11 +1607,11 @@ def test_reencode_one_pass_equals_two_passes(reencode_dirs, enc, mask_prob):
     assert abs(losses[0] - losses[1]) <= 1e-5 and gdiff <= 1e-5
 
 
-def _reencode_transcript_logits(model, s):
+def _reencode_transcript_logits(model, img_cfg, s):
     """A fresh prefill of a re-encode answer's whole transcript through the training forward: last logits."""
-    ids = torch.tensor([s.ids])
+    ids = torch.tensor([s.transcript])
     view = data.limit_side(s.original, model.vcfg.image_resolution)
-    pv, grid = process_images([view], s.img_cfg)
+    pv, grid = process_images([view], img_cfg)
     extra = {"dino": lambda: process_dino_image(view, model.vcfg.image_resolution)[None],
              "sam": lambda: data.process_sam_image(s.original)[None],  # from the original, long side 1024
              "clip": lambda: (pv, grid)}[model.vcfg.encoder]()
@@ -1527,12 +1626,11 @@ def _reencode_transcript_logits(model, s):
 def test_reencode_sampler_cache_equals_fresh_prefill(reencode_dirs, enc):
     d = reencode_dirs[enc]
     model, tok, img_cfg = vpt.from_pretrained(str(d))
-    s = vpt.Sampler(model, tok, img_cfg, "reencode", max_new_tokens=10)
-    out = list(s.generate(d / "a.png", "Where is the dog?"))
-    T = model.tokens
+    s = vpt.answer(model, tok, img_cfg, d / "a.png", "Where is the dog?", mode="reencode", max_new_tokens=10)
+    out, T = s.ids, model.tokens
     assert out[0] == T.act_start and [r.kind for r in s.rounds] == ["reencode"]
-    assert T.act in s.ids and T.pad in s.ids and len(out) > 1, "the answer goes on after the round"
-    diff = (_reencode_transcript_logits(model, s) - s.logits[0]).abs().max().item()
+    assert T.act in s.transcript and T.pad in s.transcript and len(out) > 1, "the answer goes on after the round"
+    diff = (_reencode_transcript_logits(model, img_cfg, s) - s.logits).abs().max().item()
     print(f"{enc} reencode: cached vs fresh-prefill logits {diff:.2e}")
     assert diff <= 1e-5, f"{enc}: the continued cache differs from a fresh prefill by {diff}"
 
@@ -1846,13 +1944,13 @@ def test_eval_asks_the_first_user_turn_with_its_system_message(vpt_dir, chat_dir
     system = {"role": "system", "content": "Answer in one word."}
     f = write_records(tmp_path, {**GOOD, "messages": [system, *GOOD["messages"]]},
                       {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]})
-    asked, real = [], vpt.Sampler.generate
+    asked, real = [], vpt.Engine.answer
 
-    def generate(self, image, question, system=None):
-        asked.append((image is not None, question, system))
-        yield from real(self, image, question, system)
+    def answer(self, requests, on_token=None):
+        asked.extend((r.image is not None, r.prompt, r.system) for r in requests)
+        return real(self, requests, on_token)
 
-    monkeypatch.setattr(vpt.Sampler, "generate", generate)
+    monkeypatch.setattr(vpt.Engine, "answer", answer)
     sample.main(["--init_from", str(vpt_dir), "--eval", str(f), "--max_new_tokens", "3", "--device", "cpu"])
     assert asked == [(True, "What is in the picture?", "Answer in one word."), (False, "Say hi.", None)], asked
     prompts, real_gen = [], M.generate
@@ -1871,8 +1969,9 @@ def test_thin_images_stay_legal_and_too_thin_ones_say_their_size(vpt_dir, tmp_pa
     Image.new("RGB", (10000, 10)).save(tmp_path / "wide.png")
     assert data.limit_side(Image.open(tmp_path / "thin.png"), 512).size == (512, 3)
     model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
-    s = vpt.Sampler(model, tok, img_cfg, "region", max_new_tokens=8)
-    list(s.generate(str(tmp_path / "thin.png"), "What is written?"))  # a region round on a 1990x10 image
+    res = vpt.answer(model, tok, img_cfg, str(tmp_path / "thin.png"), "What is written?", mode="region",
+                     max_new_tokens=8)  # a region round on a 1990x10 image
+    assert [r.kind for r in res.rounds] == ["region"]
     with pytest.raises(M.UserError, match=r"--image .*wide.png: image of 10000x10 \(WxH\) has aspect ratio 1000, "
                                           r"above the 200 that Qwen2-VL's image processor takes"):
         sample.main(["--init_from", str(vpt_dir), "--image", str(tmp_path / "wide.png"), "--device", "cpu"])

@@ -1,8 +1,8 @@
 """
 Everything the VPT paper (Yu, Ma, Wang, arXiv 2502.17425) adds to Qwen2-VL: the perception-token vocabulary, regions
 <-> boxes on a k x k grid, the control projector, the VPT model (a training forward with one LLM pass, mask modeling
-as an attention mask), the multi-round sampler (one KV cache for the whole answer), and checkpoints: the authors'
-layout in, ours (safetensors) out.
+as an attention mask), the inference engine (a batch of questions, each with its own perception rounds, on one KV
+cache), and checkpoints: the authors' layout in, ours (safetensors) out.
 Citations: "VPT §n" is a section of the paper. A file or function name is the authors' code,
 github.com/yu-rp/VisualPerceptionToken: their model is modeling_qwen2_vl_vpt.py (under
 transformers/src/transformers/models/qwen2_vl_vpt/), their harness evaluation/evaluation.py, their trainer a
@@ -12,6 +12,7 @@ Shape legend: B batch, T tokens, P prefix tokens (up to the control vector), Q s
 S re-encoded feature tokens of one image, Cf extra-encoder width, N images.
 """
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -198,16 +199,13 @@ class GradCache:
     the same kind of state at every depth and dynamo makes one graph for all layers of a pass."""
 
     def __init__(self):
-        self.kept, self.pos = {}, 0
+        self.kept = {}
 
     def layer(self, i):
         if i not in self.kept:  # the first pass over layer i keeps what it computes
             self.kept[i] = LayerKV()
             return self.kept[i]
         return LayerKV(self.kept[i].k, self.kept[i].v)
-
-    def advance(self, T):
-        self.pos += T
 
 
 class LayerKV:
@@ -423,169 +421,367 @@ class VPT(M.Qwen2VL):
 
 
 # -----------------------------------------------------------------------------
-# the multi-round sampler: one KV cache for the whole answer, where the authors' evaluation/evaluation.py prompts
-# the model a second time from scratch with the perception round appended
+# the inference engine: a batch of questions, each with its own perception rounds, on one KV cache (the authors'
+# evaluation/evaluation.py instead prompts the model a second time from scratch with the round appended)
 
 MODES = ("off", "free", "region", "reencode")
 
 
 @dataclass
+class Request:
+    """One question for Engine.answer. image: a path or PIL image; None asks a text-only question, answered
+    without perception rounds (there is nothing to look at). prompt: the question; a prompt with "<image>" in it is
+    used verbatim (the authors' own prompts, token for token), otherwise the image goes before it and the mode's
+    trigger after it. mode: this request's perception mode (MODES); None takes the engine's."""
+    image: object = None
+    prompt: str = ""
+    system: str = None
+    mode: str = None
+
+
+@dataclass
 class Round:
-    """One perception round, for stderr, --save_viz and evaluation."""
+    """One perception step of an answer: a region group (a round may hold several) or a re-encoding."""
     kind: str  # "region" or "reencode"
     cells: tuple = None  # (xs, ys) grid cells of a region
     box: tuple = None  # its crop box in original-image pixels
 
 
-class Sampler:
-    """Answers one question about one image, perception rounds included, on a single KV cache. A state machine in
-    the manner of nanochat's engine: state "text" samples freely (minus what the mode forbids); a sampled
-    <|region_token_start|> enters state "region", which constrains the next four tokens to x, y, x >= x0, y >= y0
-    and then <|region_token_end|>, so no invalid box can come out; a completed group appends the crop as a new user
-    turn. A sampled <|*_action_start|> is fed to get its hidden state h, then h is fed as <|*_action|> and the
-    re-encoded turn follows. Appended turns are prefilled as one chunk on top of the cache; nothing already in
-    the cache is computed again."""
+@dataclass
+class Result:
+    """One answered request."""
+    text: str  # the answer alone: no perception tokens, no "Now answer the question." line, stripped
+    ids: list  # every sampled token id, perception tokens and the final stop id included
+    rounds: list  # Round per region group and per re-encoding, in order
+    transcript: list  # every id the model was fed: prompt, sampled tokens, appended turns (a fresh prefill's input)
+    prompt_len: int
+    logits: torch.Tensor  # (V,) the logits the last token was sampled from
+    original: object  # the full-resolution PIL image crops are cut from; None for a text-only question
+    timings: dict  # of the whole batch: prefill_s (the first forward), decode_s (the rest), steps (forwards)
+
+
+@dataclass
+class Chunk:
+    """What the next forward feeds one row: a sampled token, or an appended turn with its images (pixel_values,
+    image_grid_thw) and embeddings that replace some of its slots ({index or index tensor: (n, C)}: the control
+    vector, the re-encoded features)."""
+    ids: list
+    pixel_values: torch.Tensor = None
+    grid: torch.Tensor = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    """One request's state while its batch runs."""
+    mode: str
+    original: object  # the full-resolution image, None for text only
+    view: object  # the original limited to image_resolution: the global view, and what DINOv2 and clip re-encode
+    view_inputs: tuple  # the view's (pixel_values, image_grid_thw)
+    pending: Chunk  # what the next forward feeds; None once the row is done
+    transcript: list = field(default_factory=list)
+    sampled: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)
+    # "text"; "region" inside a group; "between" after a group when another may follow (max_regions); "act" when
+    # <|*_action_start|> has just been fed, so the last hidden state is the control vector
+    state: str = "text"
+    group: list = field(default_factory=list)  # the open group's cell ids
+    groups: list = field(default_factory=list)  # the round's closed groups, (xs, ys) each
+    turns: int = 0  # perception turns appended
+    next_pos: int = 0  # M-RoPE position of the next text token
+    prompt_len: int = 0
+    logits: torch.Tensor = None  # (V,) after the last forward
+    hidden: torch.Tensor = None  # (C,) the last fed token's final hidden state
+
+
+class Engine:
+    """Answers a batch of (image, question) requests at once, each with its own perception rounds, on one KV cache.
+    Per row, a state machine in the manner of nanochat's engine: in state "text" a row samples freely (minus what
+    its mode forbids); a sampled <|region_token_start|> enters state "region", which constrains the next four
+    tokens to x, y, x >= x0, y >= y0 and then <|region_token_end|>, so no invalid box can come out; closing a group
+    appends its crop as a new user turn (with max_regions > 1 the model may open further groups first, and the
+    turn holds every crop as "Region i: <image>" lines, as the authors' harness builds it). A sampled
+    <|*_action_start|> is fed to get its hidden state h, then h is fed as <|*_action|> and the re-encoded turn
+    follows.
+    One step is one forward over every row (gpt-fast's names): decode_one_token when each row feeds one token,
+    static shapes (B, 1) that torch.compile can capture; prefill when some row appends a turn, every row's chunk
+    right-padded to the longest. Appending a turn in the same step as the other rows' tokens keeps the rows in
+    lockstep with one forward per step (a batch asked the same kind of question opens its rounds on the same step);
+    the padding a decoding row gets costs compute, not memory traffic, which decode is bound by. Rows finish
+    independently; nothing already cached is computed again. One question is the same code with B = 1."""
 
     def __init__(self, model, tok, img_cfg, mode="free", max_rounds=1, max_new_tokens=256, temperature=0.0,
-                 top_k=None, top_p=None, generator=None):
-        assert mode in MODES, f"--vpt must be one of {MODES}"
-        self.model, self.tok, self.img_cfg, self.mode, self.max_rounds = model, tok, img_cfg, mode, max_rounds
+                 top_k=None, top_p=None, generator=None, max_regions=1, compile=False):
+        if mode not in MODES:
+            raise M.UserError(f"--vpt {mode}: must be one of {MODES}")
+        self.model, self.tok, self.img_cfg, self.mode = model, tok, img_cfg, mode
+        self.max_rounds, self.max_new_tokens, self.max_regions = max_rounds, max_new_tokens, max_regions
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        self.max_new_tokens = max_new_tokens
-        self.T = model.tokens
-        self.stop = tok.stop_ids
+        self.T, self.stop = model.tokens, tok.stop_ids
+        self.dev, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.rule_index, self.rules = self.rule_masks()
+        self.compiled = compile
+        # on CUDA, "reduce-overhead" replays the captured step as a CUDA graph (gpt-fast's decode_one_token)
+        self.decode_step = torch.compile(self.decode_one_token, fullgraph=True, mode="reduce-overhead"
+                                         if self.dev.type == "cuda" else None) if compile else self.decode_one_token
 
-    def prompt(self, question, image=True):
-        if not image:
+    # --- constraints: one additive (V,) mask per rule, picked per row each step
+
+    def rule_masks(self):
+        """{rule: index}, (R, V) masks of 0 (allowed) and -inf. The rules: free text with or without each round's
+        start token, a forced start, the five places of a region group, and the choice after a group."""
+        T, k = self.T, len(self.T.xs)
+        perception = T.perception()
+        starts = lambda r, a: {t for t, ok in ((T.region_start, r), (T.act_start, a)) if ok}  # what may start a round
+        allowed = {("text", r, a): set(range(self.model.cfg.vocab_size)) - (perception - starts(r, a))
+                   for r in (False, True) for a in (False, True)}
+        allowed.update({"force_region": {T.region_start}, "force_act": {T.act_start}, "x": set(T.xs),
+                        "y": set(T.ys), "end": {T.region_end}, "between": {T.region_start, T.im_end}})
+        allowed.update({("x_ge", i): set(T.xs[i:]) for i in range(k)})
+        allowed.update({("y_ge", i): set(T.ys[i:]) for i in range(k)})
+        masks = torch.full((len(allowed), self.model.cfg.vocab_size), float("-inf"), device=self.dev)
+        for i, ids in enumerate(allowed.values()):
+            masks[i, sorted(ids)] = 0.0
+        return {name: i for i, name in enumerate(allowed)}, masks
+
+    def rule(self, row):
+        """The rule that constrains the row's next token."""
+        T, g = self.T, row.group
+        if row.state == "region":  # the group so far decides: x0, y0, then x1 >= x0, y1 >= y0, then the end
+            return ["x", "y", ("x_ge", T.xs.index(g[0]) if g else 0), ("y_ge", T.ys.index(g[1]) if g[1:] else 0),
+                    "end"][len(g)]
+        if row.state == "between":
+            return "between"
+        can = row.mode != "off" and row.original is not None and row.turns < self.max_rounds
+        if can and row.mode in ("region", "reencode") and not row.sampled:  # a forced mode starts with its round
+            return "force_region" if row.mode == "region" else "force_act"
+        return ("text", can and row.mode in ("free", "region"), can and row.mode in ("free", "reencode"))
+
+    # --- requests in, results out
+
+    def prompt(self, question, mode, image=True):
+        if not image or data.IMAGE_PLACEHOLDER in question:
             return question
-        trigger = {"region": REGION_TRIGGER, "reencode": REENCODE_TRIGGER}.get(self.mode)
+        trigger = {"region": REGION_TRIGGER, "reencode": REENCODE_TRIGGER}.get(mode)
         return f"{data.IMAGE_PLACEHOLDER}\n{question}" + (f"\n{trigger}" if trigger else "")
 
-    @torch.no_grad()
-    def generate(self, image, question, system=None):
-        """Yields every sampled token id; self.rounds records the perception rounds, self.ids the transcript.
-        image None: a text-only question, answered without perception rounds (there is nothing to look at)."""
-        m, vc, T = self.model, self.model.vcfg, self.T
-        if image is None:
-            self.original, view, pixel_values, grid = None, None, None, None
-        else:
-            self.original = data.load_image(image)  # crops come from the full-resolution original (authors' harness)
-            view = data.limit_side(self.original, vc.image_resolution)
-            pixel_values, grid = data.process_images([view], self.img_cfg)
-        self.view_inputs = (pixel_values, grid)  # the clip variant re-encodes exactly these
-        messages = [{"role": "system", "content": system}] if system is not None else []
-        messages.append({"role": "user", "content": self.prompt(question, image is not None)})
+    def start(self, req):
+        """A request -> its Row, whose pending chunk is the whole prompt."""
+        mode = req.mode or self.mode
+        if mode not in MODES:
+            raise M.UserError(f"request mode {mode!r}: must be one of {MODES}")
+        vc = self.model.vcfg
+        original = view = pv = grid = None
+        if req.image is not None:
+            original = data.load_image(req.image)  # crops come from the full-resolution original (authors' harness)
+            view = data.limit_side(original, vc.image_resolution)
+            pv, grid = data.process_images([view], self.img_cfg)
+        messages = [{"role": "system", "content": req.system}] if req.system is not None else []
+        messages.append({"role": "user", "content": self.prompt(req.prompt, mode, req.image is not None)})
         ids, _ = data.encode_chat(self.tok, messages, grid, True, self.img_cfg.merge_size)
-        dev = m.lm_head.weight.device
-        # a round appends the clip view (the view's tokens), DINOv2's or SAM's 256 tokens or a crop, whose long side
-        # is at most image_resolution (one token per 28 px, plus a row and column of rounding), and the turn's text
-        n_view = int(M.image_token_counts(grid, self.img_cfg.merge_size)) if grid is not None else 0
+        to_dev = lambda t: t.to(self.dev) if t is not None else None
+        return Row(mode, original, view, (to_dev(pv), to_dev(grid)), Chunk(ids, to_dev(pv), to_dev(grid)),
+                   prompt_len=len(ids))
+
+    def budget(self, rows):
+        """KV slots per row: the longest prompt, the answer, and each round's turn, with one turn's worth spare for
+        the right padding of a chunk. A turn is the clip view (the view's tokens), DINOv2's or SAM's 256 tokens or
+        the crops, whose long side is at most image_resolution (one token per 28 px, plus a row and column of
+        rounding), and the turn's text."""
         unit = self.img_cfg.patch_size * self.img_cfg.merge_size
-        n_crop = (vc.image_resolution // unit + 1) ** 2
-        n_fixed = max(data.DINO_TOKENS, data.SAM_TOKENS)
-        budget = len(ids) + self.max_new_tokens + self.max_rounds * (max(n_view, n_crop, n_fixed) + 32)
-        self.cache = M.KVCache(m.cfg, 1, budget, dev, m.lm_head.weight.dtype)
-        self.ids, self.rounds, self.next_pos = [], [], 0
-        self.feed(ids, pixel_values, grid)
-        state, group = "text", []
-        for _ in range(self.max_new_tokens):
-            t = int(M.sample_next(self.constrain(self.logits, state, group), **self.sampling)[0])
-            yield t
-            if state == "region":
-                if t != T.region_end:
-                    group.append(t)
-                    self.feed([t])
-                    continue
-                self.region_round(group)  # feeds <|region_token_end|> with the new turn
-                state = "text"
-            elif t in self.stop:
-                return
-            elif t == T.region_start:
-                state, group = "region", []
-                self.feed([t])
-            elif t == T.act_start:
-                self.reencode_round(view)
-            else:
-                self.feed([t])
+        n_crop = (self.model.vcfg.image_resolution // unit + 1) ** 2
+        n_view = max([int(M.image_token_counts(r.view_inputs[1], self.img_cfg.merge_size).sum())
+                      for r in rows if r.view_inputs[1] is not None] or [0])
+        turn = max(n_view, n_crop * self.max_regions, data.DINO_TOKENS, data.SAM_TOKENS) + 32 * self.max_regions
+        n = max(len(r.pending.ids) for r in rows) + self.max_new_tokens + (self.max_rounds + 1) * turn
+        # a compiled step has one shape per cache length: powers of two keep the count of recompilations small
+        return 1 << (n - 1).bit_length() if self.compiled else n
 
-    def constrain(self, logits, state, group):
-        """Masks what may not come next (see the class docstring)."""
-        T, allowed = self.T, None
-        if state == "region":
-            x0, y0 = (T.xs.index(group[0]), T.ys.index(group[1])) if len(group) >= 2 else (0, 0)
-            # the group so far decides the next token: x0, y0, then x1 >= x0, y1 >= y0, then the end
-            allowed = [T.xs, T.ys, T.xs[x0:], T.ys[y0:], (T.region_end,)][len(group)]
-            keep = torch.zeros_like(logits, dtype=torch.bool)
-            keep[:, list(allowed)] = True
-            return logits.masked_fill(~keep, float("-inf"))
-        banned = set(T.perception())
-        if self.mode != "off" and self.original is not None and len(self.rounds) < self.max_rounds:
-            if self.mode in ("region", "reencode") and not self.ids[self.prompt_len:]:
-                first = T.region_start if self.mode == "region" else T.act_start  # forced modes start the round
-                keep = torch.zeros_like(logits, dtype=torch.bool)
-                keep[:, first] = True
-                return logits.masked_fill(~keep, float("-inf"))
-            banned -= {T.region_start} if self.mode in ("free", "region") else set()
-            banned -= {T.act_start} if self.mode in ("free", "reencode") else set()
-        return logits.index_fill(1, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
+    @torch.no_grad()
+    def answer(self, requests, on_token=None):
+        """Requests -> one Result each, in order. on_token(i, token_id) is called for every token request i samples,
+        as it comes (sample.py streams with it). Raises UserError for a bad mode and what data.load_image raises."""
+        rows = [self.start(r) for r in requests]
+        cache = M.KVCache(self.model.cfg, len(rows), self.budget(rows), self.dev, self.dtype, static=self.compiled)
+        t0 = time.perf_counter()
+        self.prefill(rows, cache)
+        t1, steps = time.perf_counter(), 1
+        while any(r.pending is not None for r in rows):
+            self.advance_rows(rows, on_token)
+            if any(r.pending is not None for r in rows):
+                if all(r.pending is None or (len(r.pending.ids) == 1 and not r.pending.overrides) for r in rows):
+                    self.decode(rows, cache)
+                else:
+                    self.prefill(rows, cache)
+                steps += 1
+        timings = dict(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, steps=steps)
+        return [self.result(r, timings) for r in rows]
 
-    def feed(self, ids, pixel_values=None, grid=None, overrides=None):
-        """Prefills ids (one token or a whole turn) on top of the cache at the next M-RoPE positions; overrides
-        {index: (n, C) embeddings} replaces the embeddings of slots (the control vector, re-encoded features).
-        Keeps the next-token logits and the last hidden state."""
-        m = self.model
-        dev = m.lm_head.weight.device
-        idt = torch.tensor([ids], device=dev)
-        x = m.embed(idt, pixel_values, grid)  # (1, n, C)
-        for where, vecs in (overrides or {}).items():
-            x[0, where] = vecs.to(x.dtype)
-        pos, _ = M.get_rope_index(idt, grid, None, m.cfg.image_token_id, m.cfg.vision.spatial_merge_size)
-        pos = pos + self.next_pos  # the chunk's positions continue from the transcript's next text position
-        self.next_pos = int(pos.max()) + 1
-        if not self.ids:
-            self.prompt_len = len(ids)
-        self.ids += list(ids)
-        self.hidden = m.model(x, pos, None, self.cache)[:, -1]  # (1, C)
-        self.logits = m.lm_head(self.hidden)  # (1, V)
+    def advance_rows(self, rows, on_token):
+        """Samples each running row's next token under its rule and sets what the row feeds next."""
+        live = [i for i, r in enumerate(rows) if r.pending is not None]
+        for i in live:
+            rows[i].pending = None
+        picks = [i for i in live if rows[i].state != "act"]
+        for i in live:
+            if rows[i].state == "act":  # no token to sample: the control vector is fed with the re-encoded turn
+                rows[i].pending = self.reencode_turn(rows[i])
+        if not picks:
+            return
+        logits = torch.stack([rows[i].logits for i in picks])  # (n, V)
+        rules = torch.tensor([self.rule_index[self.rule(rows[i])] for i in picks], device=self.dev)
+        tokens = M.sample_next(logits + self.rules[rules], **self.sampling).tolist()
+        for i, t in zip(picks, tokens):
+            r = rows[i]
+            r.sampled.append(t)
+            if on_token:
+                on_token(i, t)
+            chunk = self.take(r, t)
+            if chunk is not None and len(r.sampled) < self.max_new_tokens:
+                r.pending = chunk
 
-    def region_round(self, group):
-        """Crop the selected cells (widened by region_margin) out of the original and append it as a new user turn."""
-        T, vc = self.T, self.model.vcfg
-        xs = [T.xs.index(t) for t in group[0::2]]
-        ys = [T.ys.index(t) for t in group[1::2]]
-        W, H = self.original.size
-        box = cells_to_box(xs, ys, W, H, vc.grid, vc.region_margin)
-        crop = data.limit_side(self.original.crop(box), vc.image_resolution)
-        pv, grid = data.process_images([crop], self.img_cfg)
-        n = int(M.image_token_counts(grid, self.img_cfg.merge_size))
-        turn = data.next_turn(self.tok, data.IMAGE_PLACEHOLDER, [n])
-        self.feed([T.region_end] + turn, pv.to(self.logits.device), grid.to(self.logits.device))
-        self.rounds.append(Round("region", (xs, ys), box))
+    def take(self, r, t):
+        """Row r sampled t: its next chunk (None: the answer is complete)."""
+        T = self.T
+        if r.state == "region":
+            if t != T.region_end:
+                r.group.append(t)
+                return Chunk([t])
+            r.groups.append(([T.xs.index(c) for c in r.group[0::2]], [T.ys.index(c) for c in r.group[1::2]]))
+            if len(r.groups) < self.max_regions:  # the model may open another group, or close the turn
+                r.state = "between"
+                return Chunk([t])
+            return self.region_turn(r, [t])
+        if r.state == "between":
+            if t == T.region_start:
+                r.state, r.group = "region", []
+                return Chunk([t])
+            return self.region_turn(r, [])  # t is <|im_end|>, the first token of the appended turn
+        if t in self.stop:
+            return None
+        if t == T.region_start:
+            r.state, r.group = "region", []
+        elif t == T.act_start:
+            r.state = "act"
+        return Chunk([t])
 
-    def reencode_round(self, view):
-        """<|*_action_start|> -> its hidden state h is the control vector: fed as <|*_action|>, it also conditions
-        the projector over the re-encoded image, whose features fill the new user turn (as in the authors' forward,
-        which sees that turn only when their harness prompts again)."""
+    def region_turn(self, r, head):
+        """The round's crops (each group's cells widened by region_margin, cut from the original) as a new user
+        turn after `head`, the ids that close the reply's region tokens."""
+        vc = self.model.vcfg
+        W, H = r.original.size
+        crops = []
+        for xs, ys in r.groups:
+            box = cells_to_box(xs, ys, W, H, vc.grid, vc.region_margin)
+            crops.append(data.limit_side(r.original.crop(box), vc.image_resolution))
+            r.rounds.append(Round("region", (xs, ys), box))
+        pv, grid = data.process_images(crops, self.img_cfg)
+        n = M.image_token_counts(grid, self.img_cfg.merge_size).tolist()
+        # one crop is just "<image>", several are "Region i: <image>" lines (generate_region_item in
+        # evaluation/evaluation.py)
+        content = data.IMAGE_PLACEHOLDER if len(crops) == 1 else "".join(
+            f"Region {i}: {data.IMAGE_PLACEHOLDER}\n" for i in range(len(crops)))
+        r.groups, r.state, r.turns = [], "text", r.turns + 1
+        return Chunk(head + data.next_turn(self.tok, content, n), pv.to(self.dev), grid.to(self.dev))
+
+    def reencode_turn(self, r):
+        """<|*_action_start|> has been fed: its final hidden state h is the control vector, fed as <|*_action|>,
+        and it conditions the projector over the re-encoded image, whose features fill the new user turn (as in the
+        authors' forward, which sees that turn only when their harness prompts again)."""
         m, T = self.model, self.T
-        self.feed([T.act_start])
-        h = self.hidden  # (1, C) final-normed hidden state at <|*_action_start|>
-        dev = h.device
+        h = r.hidden  # (C,)
         if m.vcfg.encoder == "dino":
-            extra = data.process_dino_image(view, m.vcfg.image_resolution)[None].to(dev)  # (1, 3, 224, 224)
+            extra = data.process_dino_image(r.view, m.vcfg.image_resolution)[None].to(self.dev)  # (1, 3, 224, 224)
         elif m.vcfg.encoder == "sam":  # SAM's view is the original limited to 1024, not the 512 px one
-            extra = data.process_sam_image(self.original)[None].to(dev)  # (1, 3, 1024, 1024)
+            extra = data.process_sam_image(r.original)[None].to(self.dev)  # (1, 3, 1024, 1024)
         else:
-            extra = tuple(t.to(dev) for t in self.view_inputs)  # (pixel_values, image_grid_thw) of the view
+            extra = r.view_inputs  # (pixel_values, image_grid_thw) of the view
         f, counts = m.extra_features(extra)
-        owner = torch.zeros(int(counts[0]), dtype=torch.long, device=dev)  # one image, one control vector
-        feats = m.projector(f, h, owner)  # (S, C)
+        owner = torch.zeros(int(counts[0]), dtype=torch.long, device=self.dev)  # one image, one control vector
+        feats = m.projector(f, h[None], owner)  # (S, C)
         ph = data.EXTRA_PLACEHOLDERS[m.vcfg.encoder][0]
-        pad = self.tok.tk.id_to_token(T.pad)
-        turn = data.next_turn(self.tok, ph, extra={ph: (pad, [int(counts[0])])})
-        chunk = [T.act, T.act_end] + turn
-        slots = [i for i, t in enumerate(chunk) if t == T.pad]
-        self.feed(chunk, overrides={0: h[0], torch.tensor(slots): feats})
-        self.rounds.append(Round("reencode"))
+        turn = data.next_turn(self.tok, ph, extra={ph: (self.tok.tk.id_to_token(T.pad), [int(counts[0])])})
+        ids = [T.act, T.act_end] + turn
+        slots = torch.tensor([i for i, t in enumerate(ids) if t == T.pad])
+        r.state, r.turns = "text", r.turns + 1
+        r.rounds.append(Round("reencode"))
+        return Chunk(ids, overrides={0: h, slots: feats})
+
+    def result(self, r, timings):
+        hidden = self.T.perception() | set(self.stop)
+        text = self.tok.decode([t for t in r.sampled if t not in hidden], skip_special_tokens=True)
+        return Result(text.removeprefix(data.ANSWER_PREFIX).strip(), r.sampled, r.rounds, r.transcript,
+                      r.prompt_len, r.logits, r.original, timings)
+
+    # --- the two kinds of step
+
+    def prefill(self, rows, cache):
+        """One forward over each row's pending chunk (rows without one feed padding), right-padded to the longest:
+        T (B, T) ids at M-RoPE positions that continue each row's transcript, with their images and overrides."""
+        m, B = self.model, len(rows)
+        chunks = [r.pending or Chunk([]) for r in rows]
+        T = max(len(c.ids) for c in chunks)
+        ids = torch.zeros(B, T, dtype=torch.long)  # 0 is a plain token: padding is never seen, so any id does
+        pos = torch.zeros(3, B, T, dtype=torch.long)
+        for b, (r, c) in enumerate(zip(rows, chunks)):
+            if c.ids:
+                ids[b, :len(c.ids)] = torch.tensor(c.ids)
+                p, _ = M.get_rope_index(ids[b:b + 1, :len(c.ids)], c.grid, None, m.cfg.image_token_id,
+                                        m.cfg.vision.spatial_merge_size)  # (3, 1, n)
+                pos[:, b, :len(c.ids)] = p[:, 0] + r.next_pos
+                r.next_pos = int(p.max()) + 1 + r.next_pos
+        images = [c for c in chunks if c.pixel_values is not None]
+        pv = torch.cat([c.pixel_values for c in images]) if images else None
+        grid = torch.cat([c.grid for c in images]) if images else None
+        x = m.embed(ids.to(self.dev), pv, grid)  # (B, T, C): the images fill their slots in row order
+        for b, c in enumerate(chunks):
+            for where, vecs in c.overrides.items():
+                x[b, where] = vecs.to(x.dtype)
+        lens = torch.tensor([len(c.ids) for c in chunks])
+        h = m.model(x, pos.to(self.dev), self.mask(cache, T, bool((lens < T).any())), cache)  # (B, T, C)
+        last = h[torch.arange(B), (lens - 1).clamp(min=0).to(self.dev)]  # (B, C) each row's last real token
+        self.finish_step(rows, chunks, cache, last, m.lm_head(last))
+
+    def decode(self, rows, cache):
+        """One token per row: positions are each row's next text position, no M-RoPE index to build."""
+        chunks = [r.pending or Chunk([0]) for r in rows]  # a finished row feeds a token nobody reads
+        ids = torch.tensor([c.ids for c in chunks], device=self.dev)  # (B, 1)
+        pos = torch.tensor([r.next_pos for r in rows], device=self.dev)[None, :, None].expand(3, -1, -1)  # (3, B, 1)
+        for r, c in zip(rows, chunks):
+            r.next_pos += r.pending is not None
+        logits, last = self.decode_step(ids, pos, self.mask(cache, 1, False), cache)
+        self.finish_step(rows, [r.pending or Chunk([]) for r in rows], cache, last, logits)
+
+    def decode_one_token(self, ids, pos, mask, cache):
+        """(B, 1) ids at positions (3, B, 1) -> ((B, V) logits, (B, C) final hidden states)."""
+        m = self.model
+        h = m.model(m.model.embed_tokens(ids), pos, mask, cache)[:, -1]  # (B, C)
+        return m.lm_head(h), h
+
+    def mask(self, cache, T, padded=True):
+        """(B, 1, T, S) bool: the query at slot lengths[b] + i of row b sees that row's slots up to itself. None
+        (plain causal, which SDPA runs without a mask tensor) when every row is as long and no chunk is padded."""
+        if not cache.static and not padded and len(cache.runs) == 1:
+            return None
+        S = cache.k.size(3) if cache.static else cache.pos + T
+        q = cache.lens[:, None] + torch.arange(T, device=self.dev)  # (B, T)
+        return (torch.arange(S, device=self.dev)[None, None, :] <= q[:, :, None])[:, None]
+
+    def finish_step(self, rows, chunks, cache, last, logits):
+        cache.advance([len(c.ids) for c in chunks])
+        for b, (r, c) in enumerate(zip(rows, chunks)):
+            if c.ids:
+                r.transcript += c.ids
+                r.hidden, r.logits = last[b], logits[b]
+
+
+def answer(model, tok, img_cfg, image, question, **kw):
+    """One question about one image (a path or PIL image) -> a Result: .text the answer, .rounds what the model
+    looked at. Lists of images and questions give a list of Results, answered as one batch. **kw: Engine's options
+    (mode, max_rounds, max_new_tokens, temperature, ...)."""
+    if isinstance(question, str):
+        return Engine(model, tok, img_cfg, **kw).answer([Request(image, question)])[0]
+    return Engine(model, tok, img_cfg, **kw).answer([Request(i, q) for i, q in zip(image, question)])
 
 
 # -----------------------------------------------------------------------------
