@@ -220,22 +220,31 @@ def train_records(d):
     return tok, tokens, img_cfg
 
 
-def time_steps(model, batch, forward, steps):
-    """(seconds of each of `steps` training steps after a warm-up step, the warm-up's loss); forward(model, batch)
-    returns the loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    times = []
-    for i in range(steps + 1):
+def trainer(model, forward):
+    """step(batch) -> (seconds, loss) of one training step of model: forward(model, batch) gives the loss, then the
+    backward pass and AdamW over what trains."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(batch):
         t0 = time.perf_counter()
         loss = forward(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            first_loss = loss.item()
-    return times[1:], first_loss
+        return time.perf_counter() - t0, loss.item()
+    return step
+
+
+def time_steps(sides, steps):
+    """{name: (step, batch)} -> {name: (seconds of `steps` steps after a warm-up step, the warm-up's loss)}. The
+    sides take turns step by step, so the load other processes put on the CPU falls on each alike."""
+    times, first = {name: [] for name in sides}, {}
+    for i in range(steps + 1):
+        for name, (step, batch) in sides.items():
+            t, loss = step(batch)
+            first.setdefault(name, loss)
+            times[name] += [t] if i else []
+    return {name: (times[name], first[name]) for name in sides}
 
 
 def matmul_peak(n=2048, repeats=10):
@@ -268,8 +277,8 @@ def bench_train(steps=3):
     loss, backward, AdamW over what trains), then nanoVPT's one-pass VPT step on the sample with a control turn.
     tokens/s counts real tokens; MFU is train.batch_flops (what the step needs: transformers computes the logits at
     every position, we only at the supervised ones, and that difference counts as its overhead) over this CPU's
-    best fp32 matmul rate (measured before and after the steps). Each side's best step of `steps`, after a warm-up
-    step: other processes share the CPU."""
+    best fp32 matmul rate (measured before and after the steps). Each side's best step of `steps` after a warm-up
+    step, nanoVPT and transformers taking turns: other processes share the CPU."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     with tempfile.TemporaryDirectory() as d:
         tok, tokens, img_cfg = train_records(d)
@@ -282,35 +291,32 @@ def bench_train(steps=3):
                        vision_end_token_id=tok.vision_end_id, eos_token_id=tok.im_end_id)
     stage = train.parse_config(["--stage=finetune"])  # everything but the vision encoders trains
     peak = matmul_peak()
-    results = {}  # name: (batch, FLOPs, step times, first loss)
 
     torch.manual_seed(0)
     ours = M.Qwen2VL(cfg)
     train.set_trainable(ours, stage)
     hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf()))
-    to_transformers(ours, hf)  # before ours trains: the same weights, so the first losses must agree
+    to_transformers(ours, hf)  # the same weights, so the first losses must agree
     for n, p in hf.named_parameters():
         p.requires_grad = not n.startswith("model.visual.")
     b = batches["plain"]
-    times, loss = time_steps(ours, b, lambda m, b: m(b, b["targets"])[1], steps)
-    flops = train.batch_flops(ours, b)  # the same model FLOPs for both sides
-    results["nanoVPT Qwen2-VL"] = (b, flops, times, loss)
     labels = torch.cat([torch.full_like(b["targets"][:, :1], data.IGNORE_INDEX), b["targets"][:, :-1]], 1)  # unshifted
     hf_batch = dict(input_ids=b["input_ids"], attention_mask=b["padding_mask"], pixel_values=b["pixel_values"],
                     image_grid_thw=b["image_grid_thw"], mm_token_type_ids=(b["input_ids"] == cfg.image_token_id).int(),
                     labels=labels)
-    del ours  # one model training at a time: each holds 5 GB of weights, gradients and AdamW state
-    times, loss = time_steps(hf, hf_batch, lambda m, b: m(**b).loss, steps)
-    results["transformers Qwen2-VL"] = (b, flops, times, loss)
-    del hf
+    flops = train.batch_flops(ours, b)  # the same model FLOPs for both sides
+    timed = time_steps({"nanoVPT Qwen2-VL": (trainer(ours, lambda m, b: m(b, b["targets"])[1]), b),
+                        "transformers Qwen2-VL": (trainer(hf, lambda m, b: m(**b).loss), hf_batch)}, steps)
+    results = {name: (b, flops, *timed[name]) for name in timed}  # name: (batch, FLOPs, step times, first loss)
+    del ours, hf, timed  # 5 GB of weights, gradients and AdamW state each
 
     torch.manual_seed(0)
     vcfg = vpt.VPTConfig(encoder="dino", dino=encoders.DinoConfig(num_hidden_layers=TRAIN_DEPTH))
     model = vpt.VPT(cfg, vcfg, tokens)
     train.set_trainable(model, stage)
     b = batches["vpt"]
-    times, loss = time_steps(model, b, lambda m, b: m(b, b["targets"])[1], steps)
-    results["nanoVPT VPT one-pass"] = (b, train.batch_flops(model, b), times, loss)
+    timed = time_steps({"VPT": (trainer(model, lambda m, b: m(b, b["targets"])[1]), b)}, steps)
+    results["nanoVPT VPT one-pass"] = (b, train.batch_flops(model, b), *timed["VPT"])
     peak = max(peak, matmul_peak())
     print(f"2B widths at depth {TRAIN_DEPTH} (LLM layers, ViT and DINOv2 blocks), fp32, CPU with "
           f"{torch.get_num_threads()} threads (best matmul {peak / 1e9:.0f} GFLOP/s); best of {steps} steps after a "
