@@ -1044,6 +1044,9 @@ def run(cfg):
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             meter.report(iter_num, total, n_global, cfg.lr * lr_scale, cfg, ddp, world, device, master)
     if ddp:
+        # after the last collective has left gloo's worker thread: that thread frees its tensors under the GIL, and
+        # destroying the group joins it while holding the GIL (a hang at exit seen on the CPU under DDP)
+        dist.barrier()
         dist.destroy_process_group()
     return raw
 
