@@ -195,7 +195,7 @@ TRAIN_ANSWER = 150  # supervised tokens of its sample
 
 def train_records(d):
     """In directory d: a small tokenizer with the perception tokens, a 308x308 image (121 image tokens) and two
-    records of one sample each: a question whose answer has TRAIN_ANSWER supervised tokens (plain.jsonl, about 324
+    records of one sample each: a question whose answer has TRAIN_ANSWER supervised tokens (plain.jsonl, about 340
     tokens) and the same with a DINOv2 control turn before the answer (vpt.jsonl: the control tokens and 256 DINOv2
     slots more). Returns the tokenizer, its perception tokens and the image config."""
     words = "What number is on the red triangle? Now answer the question. The cat sits on the red mat.".split()
