@@ -6,6 +6,8 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
                                                   model; region and re-encode answers vs a plain one of the same
                                                   length; the batch sweep (records/s against batch 1); then SAM-L's
                                                   share of a re-encode answer's time
+    python bench.py train [--steps 3]             a training step (forward, backward, AdamW) of the 2B widths at
+                                                  reduced depth: tokens/s and MFU vs transformers, and the VPT path
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse
@@ -24,6 +26,7 @@ from PIL import Image
 import data
 import encoders
 import model as M
+import train
 import vpt
 
 
@@ -186,15 +189,160 @@ def bench_sam_share(image, q, answer_tokens):
           f"({100 * spent[0] / total:.0f} %)")
 
 
+TRAIN_DEPTH = 2  # LLM layers and ViT / DINOv2 blocks of the training benchmark: the 2B widths on a CPU's budget
+TRAIN_ANSWER = 150  # supervised tokens of its sample
+
+
+def train_records(d):
+    """In directory d: a small tokenizer with the perception tokens, a 308x308 image (121 image tokens) and two
+    records of one sample each: a question whose answer has TRAIN_ANSWER supervised tokens (plain.jsonl, about 340
+    tokens) and the same with a DINOv2 control turn before the answer (vpt.jsonl: the control tokens and 256 DINOv2
+    slots more). Returns the tokenizer, its perception tokens and the image config."""
+    words = "What number is on the red triangle? Now answer the question. The cat sits on the red mat.".split()
+    tok = data.train_tokenizer([" ".join(words)], 300, d)
+    tokens = vpt.add_tokens(tok, "dino")
+    img_cfg = data.ImageConfig()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (308, 308, 3), dtype=np.uint8)).save(f"{d}/a.png")
+    question = "<image>\n" + " ".join(words[:7])
+    answer = []
+    while len(tok.encode(" ".join(answer))) < TRAIN_ANSWER - 1:  # the answer and <|im_end|> are supervised
+        answer.append(words[len(answer) % len(words)])
+    answer = " ".join(answer)
+    act = "<|detection_action_start|><|detection_action|><|detection_action_end|>"
+    plain = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+             "images": ["a.png"]}
+    turns = [plain["messages"][0], {"role": "assistant", "content": act},
+             {"role": "user", "content": "<detection_image>"}, {"role": "assistant", "content": answer}]
+    with_vpt = {"messages": turns, "images": ["a.png"], "detection_images": ["a.png"]}
+    for name, record in (("plain", plain), ("vpt", with_vpt)):
+        with open(f"{d}/{name}.jsonl", "w") as f:
+            f.write(json.dumps(record) + "\n")
+    return tok, tokens, img_cfg
+
+
+def trainer(model, forward):
+    """step(batch) -> (seconds, loss) of one training step of model: forward(model, batch) gives the loss, then the
+    backward pass and AdamW over what trains."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(batch):
+        t0 = time.perf_counter()
+        loss = forward(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, loss.item()
+    return step
+
+
+def time_steps(sides, steps):
+    """{name: (step, batch)} -> {name: (seconds of `steps` steps after a warm-up step, the warm-up's loss)}. The
+    sides take turns step by step, so the load other processes put on the CPU falls on each alike."""
+    times, first = {name: [] for name in sides}, {}
+    for i in range(steps + 1):
+        for name, (step, batch) in sides.items():
+            t, loss = step(batch)
+            first.setdefault(name, loss)
+            times[name] += [t] if i else []
+    return {name: (times[name], first[name]) for name in sides}
+
+
+def matmul_peak(n=2048, repeats=10):
+    """FLOP/s of this CPU's best fp32 matmul (n x n) of `repeats`, the denominator of MFU here."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def to_transformers(model, hf):
+    """Copies our weights into transformers' model (its in-memory names: model.language_model.*, model.visual.*)."""
+    renames = {new: old for old, new in M.KEY_RENAMES}
+    sd = {}
+    for k, v in model.state_dict().items():
+        prefix = next((p for p in renames if k.startswith(p)), None)
+        sd[renames[prefix] + k[len(prefix):] if prefix else k] = v
+    hf.load_state_dict(sd, strict=True)
+
+
+def bench_train(steps=3):
+    """Training steps of the 2B widths (vocabulary 151,936, LLM 1536 wide, ViT 1280, DINOv2-L 1024) at TRAIN_DEPTH
+    layers, the ViT (and DINOv2) frozen as in the authors' stage 2, fp32 on the CPU, one sample: nanoVPT's Qwen2-VL
+    and transformers' Qwen2VLForConditionalGeneration with the same weights on the same batch (forward with the
+    loss, backward, AdamW over what trains), then nanoVPT's one-pass VPT step on the sample with a control turn.
+    tokens/s counts real tokens; MFU is train.batch_flops (what the step needs: transformers computes the logits at
+    every position, we only at the supervised ones, and that difference counts as its overhead) over this CPU's
+    best fp32 matmul rate (measured before and after the steps). Each side's best step of `steps` after a warm-up
+    step, nanoVPT and transformers taking turns: other processes share the CPU."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    with tempfile.TemporaryDirectory() as d:
+        tok, tokens, img_cfg = train_records(d)
+        batches = {}
+        for name, encoder in (("plain", None), ("vpt", "dino")):
+            ds = data.VPTDataset(f"{d}/{name}.jsonl", tok, img_cfg, encoder, tokens.pad, tokens.act)
+            batches[name] = data.collate([ds[0]], tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
+    depth = dict(num_hidden_layers=TRAIN_DEPTH, vision=dict(depth=TRAIN_DEPTH))
+    cfg = M.QwenConfig(**depth, image_token_id=tok.image_pad_id, vision_start_token_id=tok.vision_start_id,
+                       vision_end_token_id=tok.vision_end_id, eos_token_id=tok.im_end_id)
+    stage = train.parse_config(["--stage=finetune"])  # everything but the vision encoders trains
+    peak = matmul_peak()
+
+    torch.manual_seed(0)
+    ours = M.Qwen2VL(cfg)
+    train.set_trainable(ours, stage)
+    hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf()))
+    to_transformers(ours, hf)  # the same weights, so the first losses must agree
+    for n, p in hf.named_parameters():
+        p.requires_grad = not n.startswith("model.visual.")
+    b = batches["plain"]
+    labels = torch.cat([torch.full_like(b["targets"][:, :1], data.IGNORE_INDEX), b["targets"][:, :-1]], 1)  # unshifted
+    hf_batch = dict(input_ids=b["input_ids"], attention_mask=b["padding_mask"], pixel_values=b["pixel_values"],
+                    image_grid_thw=b["image_grid_thw"], mm_token_type_ids=(b["input_ids"] == cfg.image_token_id).int(),
+                    labels=labels)
+    flops = train.batch_flops(ours, b)  # the same model FLOPs for both sides
+    timed = time_steps({"nanoVPT Qwen2-VL": (trainer(ours, lambda m, b: m(b, b["targets"])[1]), b),
+                        "transformers Qwen2-VL": (trainer(hf, lambda m, b: m(**b).loss), hf_batch)}, steps)
+    results = {name: (b, flops, *timed[name]) for name in timed}  # name: (batch, FLOPs, step times, first loss)
+    del ours, hf, timed  # 5 GB of weights, gradients and AdamW state each
+
+    torch.manual_seed(0)
+    vcfg = vpt.VPTConfig(encoder="dino", dino=encoders.DinoConfig(num_hidden_layers=TRAIN_DEPTH))
+    model = vpt.VPT(cfg, vcfg, tokens)
+    train.set_trainable(model, stage)
+    b = batches["vpt"]
+    timed = time_steps({"VPT": (trainer(model, lambda m, b: m(b, b["targets"])[1]), b)}, steps)
+    results["nanoVPT VPT one-pass"] = (b, train.batch_flops(model, b), *timed["VPT"])
+    peak = max(peak, matmul_peak())
+    print(f"2B widths at depth {TRAIN_DEPTH} (LLM layers, ViT and DINOv2 blocks), fp32, CPU with "
+          f"{torch.get_num_threads()} threads (best matmul {peak / 1e9:.0f} GFLOP/s); best of {steps} steps after a "
+          f"warm-up")
+    tps = {}
+    for name, (batch, flops, times, loss) in results.items():
+        T, sup = int(batch["padding_mask"].sum()), int((batch["targets"] != data.IGNORE_INDEX).sum())
+        tps[name] = T / min(times)
+        print(f"{name:>22}: {T} tokens ({sup} supervised), best step {min(times):.2f} s, {tps[name]:.1f} tokens/s, "
+              f"MFU {flops / min(times) / peak * 100:.0f}% ({flops / 1e9:.0f} GFLOP a step), first loss {loss:.4f}")
+    print(f"nanoVPT / transformers tokens/s: {tps['nanoVPT Qwen2-VL'] / tps['transformers Qwen2-VL']:.2f}x")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     load = sub.add_parser("load", help="load time and peak RSS against transformers")
     load.add_argument("--preset", default="qwen2-vl-2b", choices=list(M.PRESETS), help="model shape (default 2B)")
     sub.add_parser("vpt", help="a region-selection answer: one continuous KV cache against re-prefilling")
+    tr = sub.add_parser("train", help="training step tokens/s and MFU against transformers, and the VPT path")
+    tr.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up (default 3)")
     args = p.parse_args(argv)
     if args.bench == "load":
         bench_load(args.preset)
+    elif args.bench == "train":
+        bench_train(args.steps)
     else:
         bench_vpt()
 

@@ -71,10 +71,26 @@ def merged(model):
             setattr(model.get_submodule(parent), attr, m)
 
 
-def save_adapters(model, path):
-    """path/lora.pt: every lora_A and lora_B under its parameter name."""
-    sd = {f"{n}.{p}": getattr(m, p).detach().cpu() for n, m in lora_layers(model) for p in ("lora_A", "lora_B")}
-    torch.save(sd, os.path.join(path, ADAPTERS))
+def adapters(model):
+    """Every lora_A and lora_B under its parameter name, on the CPU."""
+    return {f"{n}.{p}": getattr(m, p).detach().cpu() for n, m in lora_layers(model) for p in ("lora_A", "lora_B")}
+
+
+def merge_state_dict(sd, scale):
+    """A full state dict of a model with adapters (train.py gathers an FSDP model's) -> (the merged weights under the
+    plain names, what merged() gives, and the adapters, what adapters() gives)."""
+    lora_keys = {k for k in sd if k.endswith((".lora_A", ".lora_B"))}
+    plain = {k: v for k, v in sd.items() if k not in lora_keys}
+    for k in lora_keys:
+        if k.endswith(".lora_A"):
+            layer = k.removesuffix(".lora_A")
+            plain[f"{layer}.weight"] = torch.addmm(sd[f"{layer}.weight"], sd[f"{layer}.lora_B"], sd[k], alpha=scale)
+    return plain, {k: sd[k] for k in sorted(lora_keys)}
+
+
+def save_adapters(adapters, path):
+    """path/lora.pt: the adapters (adapters(), merge_state_dict)."""
+    torch.save(adapters, os.path.join(path, ADAPTERS))
 
 
 def load_adapters(model, path):

@@ -776,12 +776,13 @@ def from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     return build_loaded(lambda: Qwen2VL(cfg), read_weights(path), dtype, device)
 
 
-def save_pretrained(model, path, cfg_dict):
+def save_pretrained(model, path, cfg_dict, state_dict=None):
     """Weights as model.safetensors (Hub key names; a tied lm_head is not written) and config.json, each written
-    to a temporary name first and renamed, so a crash never leaves a half-written file under the real name."""
+    to a temporary name first and renamed, so a crash never leaves a half-written file under the real name.
+    state_dict: the weights to write when they are not model.state_dict() (train.py gathers an FSDP model's)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))

@@ -2451,3 +2451,67 @@ def test_eval_records_copied_elsewhere_resolve_images_with_image_root(vpt_dir, t
 def test_eval_options_are_checked_at_parse_time(argv, message):
     with pytest.raises(M.UserError, match=message):
         sample.parse_args(["--init_from", "x", "--device", "cpu", *argv])
+
+
+# -----------------------------------------------------------------------------
+# issue 13: FSDP
+
+
+def fsdp_args(vpt_dir, out, *extra):
+    """train.py flags for a few steps on the tiny VPT records: stage finetune, the recipe (ViT and DINOv2 frozen, so
+    replicated under FSDP), one record a micro-batch, so that in a step one process may have a control token (a
+    prefix and a suffix pass) and the other none."""
+    records = vpt_dir / "records.jsonl"
+    return [f"--init_from={vpt_dir}", f"--train_data={records}", f"--val_data={records}", f"--out_dir={out}",
+            "--batch_size=1", "--lr=3e-3", "--stage=finetune", "--eval_interval=0", "--eval_iters=1",
+            "--log_interval=1", "--num_workers=0", "--device=cpu", "--warmup_frac=0.1", *extra]
+
+
+def torchrun_train(args, nproc=2):
+    """train.py under torchrun on the CPU (gloo), one thread a process; returns its stdout."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        os.path.join(os.path.dirname(__file__), "train.py"), *args],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_fsdp_two_processes_match_one_process_and_resume(vpt_dir, tmp_path):
+    one = {n: train.main(train.parse_config(fsdp_args(vpt_dir, tmp_path / f"one{n}", "--grad_accum=2",
+                                                      f"--max_iters={n}"))) for n in (2, 3)}
+    fsdp = fsdp_args(vpt_dir, tmp_path / "fsdp", "--grad_accum=1", "--fsdp=True", "--checkpointing=True")
+    assert "memory plan per process (FSDP over 2)" in torchrun_train([*fsdp, "--max_iters=2"])
+    two, _, _ = vpt.from_pretrained(str(tmp_path / "fsdp"))  # the consolidated model loads as it is
+    torchrun_train([*fsdp, "--max_iters=3", "--init_from=resume"])  # the optimizer's shards from optimizer/ (DCP)
+    ckpt = Path(M.checkpoint_dir(str(tmp_path / "fsdp")))  # the manifest checks every file, the shards too
+    assert (ckpt / "optimizer" / ".metadata").exists() and not (ckpt / "optimizer.pt").exists()
+    resumed, _, _ = vpt.from_pretrained(str(ckpt))
+    d2, d3 = [max((a - b).abs().max().item() for a, b in zip(x.state_dict().values(), y.state_dict().values()))
+              for x, y in ((one[2], two), (one[3], resumed))]
+    print(f"1 process x grad_accum 2 vs FSDP 2 processes x 1: max parameter diff {d2:.2e} after 2 steps, {d3:.2e} "
+          f"after resuming the FSDP checkpoint for a third")
+    assert d2 <= 1e-5 and d3 <= 1e-5
+
+
+def test_fsdp_needs_torchrun_and_a_stage_that_trains_the_llm(monkeypatch):
+    with pytest.raises(M.UserError, match="--fsdp=True: must be False outside torchrun"):
+        train.parse_config(["--fsdp=True"])
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(M.UserError, match="--fsdp=True: must be False with --stage=align"):
+        train.parse_config(["--fsdp=True", "--stage=align"])
+    assert train.parse_config(["--fsdp=True", "--lora_rank=8", "--compile=True", "--checkpointing=True"]).fsdp
+
+
+def test_fsdp_memory_plan_divides_what_is_sharded(vpt_dir):
+    model, _, _ = vpt.from_pretrained(str(vpt_dir))
+    train.set_trainable(model, train.parse_config(["--stage=finetune"]))
+    whole = {n for n, p in model.named_parameters() if p in train.replicated(model)}
+    assert whole == {n for n, _ in model.named_parameters() if n.startswith(("visual.", "detection_model."))}, whole
+    one, eight = (train.memory_plan(model, 2, 64, 16, 4, shards) for shards in (1, 8))
+    size = {n: p.numel() * 4 for n, p in model.named_parameters()}  # fp32 bytes
+    frozen = sum(b for n, b in size.items() if n in whole)
+    root = sum(b for n, b in size.items() if n not in whole and not n.startswith("model.layers."))
+    layer = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    assert eight["parameters"] == pytest.approx(frozen + (one["parameters"] - frozen) / 8 + root + 2 * layer)
+    assert (eight["gradients"], eight["optimizer"]) == pytest.approx((one["gradients"] / 8, one["optimizer"] / 8))
+    assert eight["activations"] == one["activations"]

@@ -2,13 +2,14 @@
 Trains Qwen2-VL with Visual Perception Tokens, or without them (the baseline), nanoGPT style: one process on a CPU
 or one GPU,
     python train.py config/synth.py --device=cpu
-or DDP across GPUs and nodes with torchrun,
+or DDP across GPUs and nodes with torchrun (FSDP2 with --fsdp=True),
     torchrun --standalone --nproc_per_node=8 train.py config/vpt_2b_det.py
 Settings come from the TrainConfig defaults, then a config file (literal `key = value` lines), then --key=value
 or --key value; --help prints the values in force after the arguments given with it, and what each one means.
 This file owns the training config and its parser, the learning-rate schedule, building or resuming the model,
-parameter groups and stages (LoRA in lora.py), checkpoints with their resume state, the step-indexed data order (the
-same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging and the loop.
+parameter groups and stages (LoRA in lora.py), FSDP sharding, checkpoints with their resume state, the step-indexed
+data order (the same batches after resume and under any world size), FLOPs and the memory plan, evaluation, logging
+and the loop.
 Citations as in vpt.py: "VPT §n" is the paper (arXiv 2502.17425), file and key names are the authors' repository
 (github.com/yu-rp/VisualPerceptionToken).
 """
@@ -31,6 +32,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -89,6 +94,7 @@ class TrainConfig:
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; weights stay fp32
     compile: bool = False  # torch.compile each decoder layer
     checkpointing: bool = False  # activation checkpointing per decoder layer (2B at 2048 tokens on 80 GB needs it)
+    fsdp: bool = False  # under torchrun, FSDP2 instead of DDP: parameters, gradients and AdamW state sharded
     seed: int = 1337
     overwrite: bool = False  # a new run may replace the checkpoint already in out_dir (at its first save)
 
@@ -234,6 +240,9 @@ def check_config(cfg):
              ("lora_rank", c.lora_rank >= 0, "0 (off) or more"),
              ("lora_rank", c.lora_rank == 0 or c.stage == "finetune", "0 unless --stage=finetune (LoRA tunes the LLM)"),
              ("lora_alpha", c.lora_alpha >= 0, "0 (= 2 x lora_rank) or more"),
+             ("fsdp", not c.fsdp or "RANK" in os.environ, "False outside torchrun (FSDP shards over its processes)"),
+             ("fsdp", not c.fsdp or c.stage != "align",
+              "False with --stage=align (the projector alone trains there, a few MB: DDP replicates it cheaply)"),
              ("encoder", c.encoder in vpt.PREFIX, f"one of {', '.join(vpt.PREFIX)}"),
              ("model_preset", c.model_preset in M.PRESETS, f"one of {', '.join(M.PRESETS)}"),
              ("dino_preset", c.dino_preset in encoders.DINO_PRESETS, f"one of {', '.join(encoders.DINO_PRESETS)}"),
@@ -287,14 +296,15 @@ def build(cfg):
     return M.from_pretrained(path), data.Tokenizer(path), data.ImageConfig.from_dir(path)
 
 
-def param_groups(model, cfg):
-    """Named groups with their own learning rates; weight decay on matrices only. Freezing by stage:
-    align trains the projector's feature path (its condition path gets no gradient without control tokens),
-    finetune everything but the vision encoders (the authors' freefreeze_frozen_modules: detection_model,visual in
-    configs/Qwen2-VL-2b-VPT-Det.yaml, visual,seg_model in -Seg.yaml), all everything (training from scratch). Logs
-    the counts."""
+ENCODERS = ("visual", "detection_model", "seg_model")  # the vision encoders: Qwen's ViT, DINOv2, SAM
+
+
+def set_trainable(model, cfg):
+    """Freezing by stage: align trains the projector's feature path (its condition path gets no gradient without
+    control tokens), finetune everything but the vision encoders (the authors' freeze_frozen_modules:
+    detection_model,visual in configs/Qwen2-VL-2b-VPT-Det.yaml, visual,seg_model in -Seg.yaml), all everything
+    (training from scratch); with LoRA the adapters, embed_tokens, lm_head and the projector."""
     proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
-    groups = {}
     for name, p in model.named_parameters():
         if cfg.lora_rank:  # adapters, and fully the modules the authors' 7B run saves (modules_to_save)
             p.requires_grad = ".lora_" in name or name.startswith((proj, "model.embed_tokens.", "lm_head."))
@@ -302,7 +312,16 @@ def param_groups(model, cfg):
             p.requires_grad = name.startswith((proj + "layernorm_feature", proj + "linear_feature",
                                                proj + "conv_feature"))
         elif cfg.stage == "finetune":
-            p.requires_grad = not name.startswith(("visual.", "detection_model.", "seg_model."))
+            p.requires_grad = not name.startswith(tuple(e + "." for e in ENCODERS))
+
+
+def param_groups(model, cfg):
+    """Named groups with their own learning rates, after set_trainable; weight decay on matrices only. Logs the
+    counts."""
+    set_trainable(model, cfg)
+    proj = f"{vpt.PREFIX[cfg.encoder]}_projector."
+    groups = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         kind = "projector" if name.startswith(proj) else "embeddings" if "embed_tokens" in name else "model"
@@ -320,30 +339,81 @@ def param_groups(model, cfg):
     return groups
 
 
+def replicated(model):
+    """The parameters FSDP leaves whole on every process: those of a frozen vision encoder. They have no gradient or
+    AdamW state to shard, and an encoder runs only on micro-batches with images (or re-encoded ones), which one
+    process may have when another has none: a sharded unit that runs on one process and not on another would leave
+    its collectives unpaired, a hang."""
+    encoders_ = [getattr(model, e) for e in ENCODERS if hasattr(model, e)]
+    return {p for e in encoders_ if not any(q.requires_grad for q in e.parameters()) for p in e.parameters()}
+
+
+def shard(model, cfg, device):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) in place, after set_trainable: each decoder layer is a unit,
+    gathered just before it runs and freed after it (in the forward and again in the backward), and the root holds
+    the rest (embed_tokens, lm_head, the final norm, the projector, and in stage "all" the vision encoders), gathered
+    once per step and resharded after it; frozen encoders stay whole (replicated). Each process then holds 1/world of
+    the parameters, gradients and AdamW state. With autocast to bfloat16 (dtype on GPUs) the gathered weights are
+    bf16 and gradients are reduced in fp32; the shards, and AdamW, stay fp32. Every process must call each unit as
+    often as the others: the VPT suffix pass runs even when empty (always_suffix), a parameter that got no gradient
+    on this process is reduced as zeros (set_reduce_scatter_unused_params), and a micro-batch dropped whole runs a
+    stand-in (Collate)."""
+    bf16 = device.startswith("cuda") and cfg.dtype == "bfloat16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=replicated(model))
+    model.set_reduce_scatter_unused_params(True)  # the projector gets no gradient on a batch without control tokens
+    if isinstance(model, vpt.VPT):
+        model.always_suffix = True
+
+
 def save_checkpoint(model, tok, img_cfg, optimizer, iter_num, best_val, cfg):
     """All or nothing: the model as sample.py and from_pretrained load it, plus what resume needs (optimizer.pt and
     train_state.pt: step, best validation loss, RNG, config), written into a new directory out_dir/.tmp-ckpt-N with
     a manifest of every file (checkpoint.json), renamed to ckpt-N, and only then named by out_dir/latest, replaced
     atomically: the one switch. Older checkpoints are removed after it. A crash at any point leaves `latest` naming
-    one complete checkpoint; a failed write (a full disk) removes what it wrote and says so in one sentence."""
-    name = f"ckpt-{iter_num:06d}"
-    for n in range(1, 1000):  # a resumed run saves its first step again: the earlier save stays until the switch
-        if not os.path.exists(os.path.join(cfg.out_dir, name)):
-            break
-        name = f"ckpt-{iter_num:06d}-{n}"
+    one complete checkpoint; a failed write (a full disk) removes what it wrote and says so in one sentence.
+    Under FSDP every process calls it: the full weights are gathered to the first process, which writes them as
+    above, and each process writes its shard of the AdamW state into optimizer/ with torch.distributed.checkpoint
+    (DCP), so out_dir must be a filesystem all nodes share."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    name = [None]
+    if master:
+        name[0] = f"ckpt-{iter_num:06d}"
+        for n in range(1, 1000):  # a resumed run saves its first step again: the earlier save stays until the switch
+            if not os.path.exists(os.path.join(cfg.out_dir, name[0])):
+                break
+            name[0] = f"ckpt-{iter_num:06d}-{n}"
+        shutil.rmtree(os.path.join(cfg.out_dir, f".tmp-{name[0]}"), ignore_errors=True)  # a crashed save's leftovers
+    if cfg.fsdp:
+        dist.broadcast_object_list(name)
+    name = name[0]
     tmp, final = os.path.join(cfg.out_dir, f".tmp-{name}"), os.path.join(cfg.out_dir, name)
     state = dict(iter_num=iter_num, best_val=best_val, rng=torch.get_rng_state(), config=dataclasses.asdict(cfg))
     try:
-        with lora.merged(model):  # LoRA: the merged weights under the plain names, and the adapters beside them
-            M.save_pretrained(model, tmp, model.hub_config())
-        if cfg.lora_rank:
-            lora.save_adapters(model, tmp)
+        if cfg.fsdp:  # collectives: every process gathers and writes; the first writes the rest alone
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+            if not master:
+                return
+            if cfg.lora_rank:  # the merged weights under the plain names, and the adapters beside them
+                sd, adapters = lora.merge_state_dict(sd, (cfg.lora_alpha or 2.0 * cfg.lora_rank) / cfg.lora_rank)
+                lora.save_adapters(adapters, tmp)
+            M.save_pretrained(model, tmp, model.hub_config(), state_dict=sd)
+        else:
+            with lora.merged(model):  # LoRA: the merged weights under the plain names, and the adapters beside them
+                M.save_pretrained(model, tmp, model.hub_config())
+            if cfg.lora_rank:
+                lora.save_adapters(lora.adapters(model), tmp)
+            M.atomic_write(os.path.join(tmp, "optimizer.pt"), lambda t: torch.save(optimizer.state_dict(), t))
         tok.save(tmp)
         img_cfg.save(tmp)
-        M.atomic_write(os.path.join(tmp, "optimizer.pt"), lambda t: torch.save(optimizer.state_dict(), t))
         M.atomic_write(os.path.join(tmp, "train_state.pt"), lambda t: torch.save(state, t))
-        files = {f: M.fingerprint(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
-        M.save_json(os.path.join(tmp, M.MANIFEST), dict(step=iter_num, files=files))
+        files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
+        M.save_json(os.path.join(tmp, M.MANIFEST), dict(step=iter_num, files={f: M.fingerprint(os.path.join(tmp, f))
+                                                                             for f in files}))
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as a RuntimeError
         partial = [f.removesuffix(".tmp") for f in os.listdir(tmp) if f.endswith(".tmp")] if os.path.isdir(tmp) else []
         shutil.rmtree(tmp, ignore_errors=True)
@@ -372,12 +442,18 @@ def last_checkpoint(out_dir):
     return f"the checkpoint of step {M.read_json(os.path.join(path, M.MANIFEST))['step']} in {path}"
 
 
-def load_train_state(optimizer, cfg, device):
-    """Resume, after build() has loaded the model from out_dir: restores the optimizer and the RNG, and returns
-    (step, best validation loss)."""
+def load_train_state(model, optimizer, cfg, device):
+    """Resume, after build() has loaded the model from out_dir (and shard() has sharded it): restores the optimizer
+    (under FSDP each process reads its shard from optimizer/) and the RNG, and returns (step, best validation
+    loss)."""
     path = M.checkpoint_dir(cfg.out_dir)
-    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
-    optimizer.load_state_dict(opt)
+    if cfg.fsdp:
+        opt = get_optimizer_state_dict(model, optimizer)  # the layout to read into
+        dcp.load(opt, checkpoint_id=os.path.join(path, "optimizer"))
+        set_optimizer_state_dict(model, optimizer, opt)
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
+                                             weights_only=True))
     state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
     torch.set_rng_state(state["rng"])
     log(f"resumed from {path} at step {state['iter_num']}")
@@ -484,17 +560,21 @@ class StepBatches(torch.utils.data.Sampler):
 
 class Collate:
     """A picklable collate for DataLoader workers: drops samples over max_len (the dataset gives None) and counts
-    them; a micro-batch with nothing left becomes None."""
+    them; a micro-batch with nothing left becomes None, or under FSDP (stand_in) one pad token with no target, which
+    the process still runs so that its collectives pair up with the other processes' (shard)."""
 
-    def __init__(self, pad_id, image_token_id, merge):
-        self.pad_id, self.image_token_id, self.merge = pad_id, image_token_id, merge
+    def __init__(self, pad_id, image_token_id, merge, stand_in=False):
+        self.pad_id, self.image_token_id, self.merge, self.stand_in = pad_id, image_token_id, merge, stand_in
 
     def __call__(self, samples):
         kept = [s for s in samples if s is not None]
-        if not kept:
+        if not kept and self.stand_in:
+            kept = [dict(input_ids=[self.pad_id], labels=[data.IGNORE_INDEX], pixel_values=None, image_grid_thw=None,
+                         extra=None)]
+        elif not kept:
             return None
         batch = data.collate(kept, self.pad_id, self.image_token_id, self.merge)
-        batch["dropped"] = len(samples) - len(kept)
+        batch["dropped"] = len(samples) - sum(s is not None for s in samples)
         return batch
 
 
@@ -595,16 +675,26 @@ def batch_flops(model, batch):
     return f
 
 
-def memory_plan(model, B, T, supervised, act_bytes):
+def memory_plan(model, B, T, supervised, act_bytes, shards=1):
     """Bytes per process for a micro-batch of B x T tokens, `supervised` of them with a target: the parameters, the
-    gradients and AdamW's two moments of the trained ones (in the parameters' dtype), and the activations autograd
+    gradients and AdamW's two moments of the trained ones (in the parameters' dtype); under FSDP over `shards`
+    processes (shard) each holds 1/shards of those but the replicated ones, plus what is gathered at a time in the
+    compute dtype (act_bytes): the root's parameters and two decoder layers (the one running and the next, which FSDP
+    prefetches). Then the activations autograd
     keeps: per decoder layer and token the norms' inputs and outputs, q, the attention output and o_proj's input
     (8 C), k and v (2 kv widths) and the MLP's four intermediates (4 I); with checkpointing only each layer's input
     and one layer recomputed; the supervised logits and their log-softmax in fp32; the MLP's gradients in flight.
     The vision encoders and DINOv2 are frozen in the authors' recipes and keep nothing for the backward pass."""
     c = model.cfg
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    whole = replicated(model) if shards > 1 else set(model.parameters())
+    share = lambda p: p.numel() * p.element_size() / (1 if p in whole else shards)  # p.numel(): an FSDP parameter's
+    params = sum(share(p) for p in model.parameters())  # full size (a DTensor's), its shard's up to rounding
+    trained = sum(share(p) for p in model.parameters() if p.requires_grad)
+    if shards > 1:
+        layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+        root = sum(p.numel() for n, p in model.named_parameters()
+                   if p not in whole and not n.startswith("model.layers."))
+        params += (root + 2 * layer_params) * act_bytes
     kv = 2 * c.num_key_value_heads * c.head_dim
     layer = B * T * (8 * c.hidden_size + kv + 4 * c.intermediate_size) * act_bytes
     if model.model.checkpointing:
@@ -652,15 +742,17 @@ def gpu_stats(flops_per_s, world):
             f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def log_memory_plan(model, batch, cfg, device):
+def log_memory_plan(model, batch, cfg, device, world):
     """Prints memory_plan for the run's first micro-batch and at max_len, so a run that cannot fit says so first."""
     B, T = batch["input_ids"].shape
     supervised = int((batch["targets"] != data.IGNORE_INDEX).sum())
     act_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8 if device.startswith("cuda") else 4  # autocast
-    plan = memory_plan(model, B, T, supervised, act_bytes)
-    at_max = memory_plan(model, B, cfg.max_len, supervised * cfg.max_len // T, act_bytes)["activations"]
+    shards = world if cfg.fsdp else 1
+    plan = memory_plan(model, B, T, supervised, act_bytes, shards)
+    at_max = memory_plan(model, B, cfg.max_len, supervised * cfg.max_len // T, act_bytes, shards)["activations"]
     gib = lambda n: f"{n / 2**30:.2f} GiB"
-    line = (f"memory plan per process: parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, "
+    fsdp = f" (FSDP over {shards})" if shards > 1 else ""
+    line = (f"memory plan per process{fsdp}: parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, "
             f"AdamW state {gib(plan['optimizer'])}, activations {gib(plan['activations'])} for the first "
             f"micro-batch ({B} x {T} tokens; {gib(at_max)} at {B} x max_len {cfg.max_len}): "
             f"total {gib(sum(plan.values()))}")
@@ -753,6 +845,8 @@ def evaluate(model, batches, perception, ctx, device):
         batch = to_device(batch, device)
         with ctx:
             logits, loss = model(batch, batch["targets"])
+        if not (batch["targets"] != data.IGNORE_INDEX).any():  # nothing to predict (an FSDP stand-in)
+            continue
         losses.append(loss.item())
         if perception is not None:
             tgt = batch["targets"][batch["targets"] != data.IGNORE_INDEX]
@@ -860,16 +954,19 @@ def run(cfg):
             lora.load_adapters(model, M.checkpoint_dir(cfg.out_dir))
     model.to(device)
     model.model.checkpointing = cfg.checkpointing
+    if cfg.fsdp:
+        set_trainable(model, cfg)  # FSDP records what trains as it shards
+        shard(model, cfg, device)
     groups = param_groups(model, cfg)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
     iter_num, best_val = 0, float("inf")
     if cfg.init_from == "resume":
-        iter_num, best_val = load_train_state(optimizer, cfg, device)
+        iter_num, best_val = load_train_state(model, optimizer, cfg, device)
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()  # in place: parameter names (and checkpoints) stay as they are
-    raw = model  # evaluated and saved as it is, never through the DDP wrapper
-    if ddp:
+    raw = model  # evaluated and saved as it is, never through the DDP wrapper (FSDP shards in place)
+    if ddp and not cfg.fsdp:
         # the projector (and in stage "all" the vision encoders) receive no gradient in a micro-batch without a
         # re-encoding sample (or without images), which mixed VPT data produces: DDP must look for unused parameters
         model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
@@ -881,12 +978,12 @@ def run(cfg):
     train_schedule = Schedule(train_set, cfg, rank, world)
     val_cfg = dataclasses.replace(cfg, grad_accum=1)  # validation: eval_iters micro-batches per process
     val_schedule = Schedule(val_set, val_cfg, rank, world)
-    collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
+    collate = Collate(tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size, stand_in=cfg.fsdp)
     train_batches = loader(train_schedule, iter_num, cfg.max_iters, collate, cfg.num_workers)
     perception = torch.tensor(sorted(tokens.perception())) if tokens else None
     first = collate([train_schedule.dataset[i] for i in train_schedule.global_batch(train_schedule.step(iter_num)[0])])
     if first is not None:
-        log_memory_plan(raw, first, cfg, device)
+        log_memory_plan(raw, first, cfg, device, world)
 
     # --- the loop: evaluate and save every eval_interval steps and at the end (not the step a resume starts from,
     # which its checkpoint holds); in between, optimizer steps
@@ -907,7 +1004,7 @@ def run(cfg):
             t_eval = time.perf_counter()  # evaluation and saving are left out of ms/step
             val_batches = loader(val_schedule, 0, cfg.eval_iters, collate, cfg.num_workers)
             best_val = min(best_val, validate(raw, val_batches, perception, ctx, device, iter_num, cfg, master))
-            if master:
+            if master or cfg.fsdp:  # FSDP gathers the weights and writes the optimizer's shards: every process
                 save_checkpoint(raw, tok, img_cfg, optimizer, iter_num, best_val, cfg)
             meter.t0 += time.perf_counter() - t_eval
         if done:
@@ -917,13 +1014,14 @@ def run(cfg):
             g["lr"] = g["base_lr"] * lr_scale
         # the step's loss is the mean over every supervised token of the global batch, however it is split into
         # micro-batches and processes: each micro-batch's summed loss over the global count (all-reduced first).
-        # DDP averages gradients over the world, hence the factor world
+        # DDP and FSDP average gradients over the world, hence the factor world. FSDP reduce-scatters every
+        # micro-batch's gradients: skipping that sync would keep whole unsharded gradients, the memory it saves
         batches = [next(train_batches) for _ in range(cfg.grad_accum)]
         n_global = supervised_tokens(batches, device)
         total = torch.zeros((), dtype=torch.float64, device=device)  # summed loss of this process
         for micro, (k, batch) in enumerate(zip(train_schedule.step(iter_num), batches)):
-            # gradients are all-reduced on the last micro-step only
-            sync = model.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext()
+            # DDP all-reduces gradients on the last micro-step only
+            sync = model.no_sync() if ddp and not cfg.fsdp and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 if batch is None:  # every sample of the micro-batch was over max_len
                     meter.dropped += cfg.batch_size
@@ -946,6 +1044,9 @@ def run(cfg):
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             meter.report(iter_num, total, n_global, cfg.lr * lr_scale, cfg, ddp, world, device, master)
     if ddp:
+        # after the last collective has left gloo's worker thread: that thread frees its tensors under the GIL, and
+        # destroying the group joins it while holding the GIL (a hang at exit seen on the CPU under DDP)
+        dist.barrier()
         dist.destroy_process_group()
     return raw
 

@@ -250,6 +250,9 @@ class VPT(M.Qwen2VL):
     def __init__(self, cfg, vcfg, tokens):
         super().__init__(cfg)  # initialises the Qwen2-VL weights; the projector initialises its own
         self.vcfg, self.tokens = vcfg, tokens
+        # set by train.py under FSDP: the suffix pass runs even when no row continues past the prefix (an empty
+        # window), so every process calls each decoder layer twice and FSDP's per-layer collectives pair up
+        self.always_suffix = False
         if vcfg.encoder == "dino":
             self.detection_model = Dinov2Model(vcfg.dino)
             self.detection_model.apply(M.init_weights)
@@ -373,7 +376,7 @@ class VPT(M.Qwen2VL):
         pad, pos = batch["padding_mask"], batch["position_ids"]
         B, T, C = pre.x.shape
         P, split = pre.plan.P, pre.plan.split
-        if int(split.min()) >= T:  # no row continues past the prefix (no control tokens at all)
+        if int(split.min()) >= T and not self.always_suffix:  # no row continues past the prefix (no control token)
             return pre.h
         x = self.condition(pre.x, batch, pre.control, pre.f, pre.owner)
         # gather each row's suffix into a (B, Q) window
