@@ -215,13 +215,14 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, seqlens):
         N, D = x.shape
-        qkv = self.qkv(x).view(N, 3, self.nh, D // self.nh)  # (Np, 3, nh, hs)
-        q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # 3 x (nh, Np, hs)
+        q, k, v = self.qkv(x).view(N, 3, self.nh, D // self.nh).unbind(1)  # 3 x (Np, nh, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # SDPA's fused kernels take (B, nh, T, hs) only; 3-D (nh, Np, hs) falls back to the math path (3x slower on CPU)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # 3 x (1, nh, Np, hs)
         # each image attends only to itself (block-diagonal, cu_seqlens in transformers): one SDPA call per image
-        per_image = zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))
-        y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in per_image], dim=1)  # (nh, Np, hs)
-        return self.proj(y.transpose(0, 1).reshape(N, D))
+        per_image = zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))
+        y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in per_image], dim=2)  # (1, nh, Np, hs)
+        return self.proj(y[0].transpose(0, 1).reshape(N, D))
 
 
 class VisionMlp(nn.Module):
@@ -282,7 +283,7 @@ class VisionTransformer(nn.Module):
         freqs = pos[..., None].float() * inv_freq(hs // 2, cfg.rope_theta, x.device)  # (Np, 2, hs/4)
         freqs = freqs.flatten(1)  # (Np, hs/2): h frequencies then w frequencies
         emb = torch.cat((freqs, freqs), dim=-1)  # (Np, hs)
-        cos, sin = emb.cos()[None], emb.sin()[None]  # (1, Np, hs) broadcast over heads
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # (Np, 1, hs) broadcast over heads
         seqlens = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()  # one entry per frame
         for block in self.blocks:
             x = block(x, cos, sin, seqlens)
