@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tokenizers import models
 from tokenizers import Tokenizer as HFTokenizer
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Dinov2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers import Dinov2Model as HFDinov2Model
 from transformers import SamConfig as HFSamConfig
@@ -2515,3 +2516,19 @@ def test_fsdp_memory_plan_divides_what_is_sharded(vpt_dir):
     assert eight["parameters"] == pytest.approx(frozen + (one["parameters"] - frozen) / 8 + root + 2 * layer)
     assert (eight["gradients"], eight["optimizer"]) == pytest.approx((one["gradients"] / 8, one["optimizer"] / 8))
     assert eight["activations"] == one["activations"]
+
+
+# issue 11: speed (the timings themselves are bench.py's: `python bench.py infer`)
+
+def test_vit_attention_runs_on_sdpa_fused_kernel():
+    # 3-D (nh, Np, hs) inputs sent SDPA to its math path, 3x slower on CPU; with the fused kernel forced, a layout it
+    # refuses raises "No available kernel" instead of falling back
+    torch.manual_seed(0)
+    vit = M.VisionTransformer(M.QwenConfig(**M.PRESETS["tiny"]).vision).eval()
+    grid = torch.tensor([[1, 4, 8], [1, 6, 4]])  # two images: the per-image (block-diagonal) attention too
+    pv = torch.randn(int(grid.prod(-1).sum()), vit.cfg.patch_dim)
+    with torch.no_grad():
+        free = vit(pv, grid)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            fused = vit(pv, grid)
+    assert torch.equal(fused, free), "the fused kernel is not the one SDPA chose"
