@@ -8,6 +8,8 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
                                                   share of a re-encode answer's time
     python bench.py train [--steps 3]             a training step (forward, backward, AdamW) of the 2B widths at
                                                   reduced depth: tokens/s and MFU vs transformers, and the VPT path
+    python bench.py infer                         prefill and decode against transformers: 2B widths at reduced
+                                                  depth and the tiny preset, fp32 (issue 11's table)
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse
@@ -30,10 +32,11 @@ import train
 import vpt
 
 
-def make_checkpoint(preset, path, dtype=torch.bfloat16):
-    """A random checkpoint of a preset's exact shape in the Hub layout (flat config.json + model.safetensors)."""
+def make_checkpoint(preset, path, dtype=torch.bfloat16, **overrides):
+    """A random checkpoint of a preset's exact shape (config fields in overrides replace the preset's) in the Hub
+    layout (flat config.json + model.safetensors)."""
     from safetensors.torch import save_file
-    cfg = M.QwenConfig(**M.PRESETS[preset])
+    cfg = M.QwenConfig(**{**M.PRESETS[preset], **overrides})
     with torch.device("meta"):
         shapes = {k: p.shape for k, p in M.Qwen2VL(cfg).named_parameters()}  # a tied lm_head appears once
     g = torch.Generator().manual_seed(0)
@@ -330,6 +333,116 @@ def bench_train(steps=3):
     print(f"nanoVPT / transformers tokens/s: {tps['nanoVPT Qwen2-VL'] / tps['transformers Qwen2-VL']:.2f}x")
 
 
+# -----------------------------------------------------------------------------
+# python bench.py infer: prefill and decode against transformers (issue 11)
+
+INFER_MODELS = {  # row name: (preset, config overrides)
+    "2B widths, 4 LLM layers + 4 ViT blocks": ("qwen2-vl-2b", dict(num_hidden_layers=4, vision=dict(depth=4))),
+    # the image specials at the top of the tiny 512-row vocabulary, as in the tests
+    "tiny (64 wide)": ("tiny", dict(vision_start_token_id=509, vision_end_token_id=510, image_token_id=511)),
+}
+INFER_PROCESSES = 2  # fresh processes per model and implementation, alternating which goes first
+INFER_REPEATS = 2  # prefills and decodes timed in each process, after one warm-up of each
+INFER_NEW_TOKENS = 32
+
+
+def infer_inputs(cfg):
+    """A 448x448 random image (1024 patches, 256 image tokens) between 16 text tokens before and after, as a chat
+    prompt places it: input_ids (1, T), pixel_values, image_grid_thw."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
+    pv, grid = data.process_images([image], data.ImageConfig())
+    n_img = int(M.image_token_counts(grid, cfg.vision.spatial_merge_size).sum())
+    text = torch.randint(0, 500, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = text[:16] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + text[16:]
+    return torch.tensor([ids]), pv, grid
+
+
+def infer_once(impl, path):
+    """Runs in a fresh process: the best prefill time, ViT time and decode tokens/s of one implementation, in fp32.
+    Prefill is the prompt's forward up to the first sampled token; decode speed is measured from the first token
+    to the last of a greedy generate of INFER_NEW_TOKENS tokens (every row runs to the end: no stop token)."""
+    cfg = M.QwenConfig.from_hf(M.read_json(os.path.join(path, "config.json")))
+    ids, pv, grid = infer_inputs(cfg)
+    if impl == "ours":
+        m = M.from_pretrained(path)
+        vit = lambda: m.visual(pv, grid)
+        prefill = lambda: next(M.generate(m, ids, None, pv, grid, max_new_tokens=1))
+
+        def decode(stamps):
+            for t in M.generate(m, ids, None, pv, grid, max_new_tokens=INFER_NEW_TOKENS):
+                stamps.append((time.perf_counter(), int(t)))
+    else:
+        from transformers import Qwen2VLForConditionalGeneration
+        m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
+                  mm_token_type_ids=(ids == cfg.image_token_id).int())
+        vit = lambda: m.model.visual(pv, grid)
+        prefill = lambda: m(**kw, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+
+        class Stamps:  # a streamer: generate calls put with the prompt, then with each new token
+            def __init__(self, stamps):
+                self.stamps, self.prompt = stamps, True
+
+            def put(self, t):
+                if not self.prompt:
+                    self.stamps.append((time.perf_counter(), int(t)))
+                self.prompt = False
+
+            def end(self):
+                pass
+
+        def decode(stamps):
+            m.generate(**kw, do_sample=False, max_new_tokens=INFER_NEW_TOKENS, eos_token_id=None, pad_token_id=0,
+                       streamer=Stamps(stamps))
+
+    def timed(f):
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    res = dict(prefill=[], vit=[], decode=[])
+    with torch.no_grad():
+        for i in range(INFER_REPEATS + 1):  # the first round warms up
+            res["prefill"].append(timed(prefill))
+            res["vit"].append(timed(vit))
+            stamps = []
+            decode(stamps)
+            assert len(stamps) == INFER_NEW_TOKENS, f"{impl} stopped after {len(stamps)} tokens"
+            res["decode"].append((len(stamps) - 1) / (stamps[-1][0] - stamps[0][0]))  # tokens/s
+    print(json.dumps(dict(prefill=min(res["prefill"][1:]), vit=min(res["vit"][1:]), decode=max(res["decode"][1:]),
+                          tokens=[t for _, t in stamps])))
+
+
+def bench_infer():
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for name, (preset, overrides) in INFER_MODELS.items():
+        with tempfile.TemporaryDirectory() as d:
+            make_checkpoint(preset, d, **overrides)
+            best = {}
+            for i in range(INFER_PROCESSES):
+                for impl in (("ours", "transformers") if i % 2 == 0 else ("transformers", "ours")):
+                    out = subprocess.run([sys.executable, "-c", f"import bench; bench.infer_once({impl!r}, {d!r})"],
+                                         cwd=here, capture_output=True, text=True, check=True)
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    b = best.setdefault(impl, r)
+                    b.update(prefill=min(b["prefill"], r["prefill"]), vit=min(b["vit"], r["vit"]),
+                             decode=max(b["decode"], r["decode"]))
+        o, t = best["ours"], best["transformers"]
+        same = "same" if o["tokens"] == t["tokens"] else "DIFFERENT"
+        print(f"{name}: {same} greedy tokens", file=sys.stderr)
+        rows += [(f"prefill, {name}", f"{o['prefill']:.3f} s vs {t['prefill']:.3f} s",
+                  f"{o['prefill'] / t['prefill']:.2f}x the time"),
+                 (f"  of which the ViT", f"{o['vit']:.3f} s vs {t['vit']:.3f} s", f"{o['vit'] / t['vit']:.2f}x the time"),
+                 (f"decode, {name}", f"{o['decode']:.1f} vs {t['decode']:.1f} tokens/s",
+                  f"{o['decode'] / t['decode']:.2f}x the speed")]
+    print(f"CPU, fp32, {torch.get_num_threads()} threads, best of {INFER_PROCESSES} processes x {INFER_REPEATS} runs, "
+          f"448 px image + 32 text tokens, {INFER_NEW_TOKENS} new tokens; load average {os.getloadavg()[0]:.1f}")
+    print("| measure | nanoVPT vs transformers | ratio |\n|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
@@ -338,11 +451,14 @@ def main(argv=None):
     sub.add_parser("vpt", help="a region-selection answer: one continuous KV cache against re-prefilling")
     tr = sub.add_parser("train", help="training step tokens/s and MFU against transformers, and the VPT path")
     tr.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up (default 3)")
+    sub.add_parser("infer", help="prefill and decode against transformers (issue 11's table)")
     args = p.parse_args(argv)
     if args.bench == "load":
         bench_load(args.preset)
     elif args.bench == "train":
         bench_train(args.steps)
+    elif args.bench == "infer":
+        bench_infer()
     else:
         bench_vpt()
 
