@@ -9,7 +9,9 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
     python bench.py train [--steps 3]             a training step (forward, backward, AdamW) of the 2B widths at
                                                   reduced depth: tokens/s and MFU vs transformers, and the VPT path
     python bench.py infer                         prefill and decode against transformers: 2B widths at reduced
-                                                  depth and the tiny preset, fp32 (issue 11's table)
+                                                  depth and the tiny preset, fp32 (issue 11's table); on shared
+                                                  cores with OMP_NUM_THREADS=1, where waking a second thread for
+                                                  each op costs more than the tiny model's ops themselves
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse
@@ -365,8 +367,12 @@ def infer_once(impl, path):
     ids, pv, grid = infer_inputs(cfg)
     if impl == "ours":
         m = M.from_pretrained(path)
-        vit = lambda: m.visual(pv, grid)
-        prefill = lambda: next(M.generate(m, ids, None, pv, grid, max_new_tokens=1))
+
+        def vit():
+            m.visual(pv, grid)
+
+        def prefill():
+            next(M.generate(m, ids, None, pv, grid, max_new_tokens=1))
 
         def decode(stamps):
             for t in M.generate(m, ids, None, pv, grid, max_new_tokens=INFER_NEW_TOKENS):
@@ -376,8 +382,12 @@ def infer_once(impl, path):
         m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
                   mm_token_type_ids=(ids == cfg.image_token_id).int())
-        vit = lambda: m.model.visual(pv, grid)
-        prefill = lambda: m(**kw, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+
+        def vit():
+            m.model.visual(pv, grid)
+
+        def prefill():
+            m(**kw, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
 
         class Stamps:  # a streamer: generate calls put with the prompt, then with each new token
             def __init__(self, stamps):
@@ -402,7 +412,7 @@ def infer_once(impl, path):
 
     res = dict(prefill=[], vit=[], decode=[])
     with torch.no_grad():
-        for i in range(INFER_REPEATS + 1):  # the first round warms up
+        for _ in range(INFER_REPEATS + 1):  # the first round warms up
             res["prefill"].append(timed(prefill))
             res["vit"].append(timed(vit))
             stamps = []
@@ -433,7 +443,8 @@ def bench_infer():
         print(f"{name}: {same} greedy tokens", file=sys.stderr)
         rows += [(f"prefill, {name}", f"{o['prefill']:.3f} s vs {t['prefill']:.3f} s",
                   f"{o['prefill'] / t['prefill']:.2f}x the time"),
-                 (f"  of which the ViT", f"{o['vit']:.3f} s vs {t['vit']:.3f} s", f"{o['vit'] / t['vit']:.2f}x the time"),
+                 ("  of which the ViT", f"{o['vit']:.3f} s vs {t['vit']:.3f} s",
+                  f"{o['vit'] / t['vit']:.2f}x the time"),
                  (f"decode, {name}", f"{o['decode']:.1f} vs {t['decode']:.1f} tokens/s",
                   f"{o['decode'] / t['decode']:.2f}x the speed")]
     print(f"CPU, fp32, {torch.get_num_threads()} threads, best of {INFER_PROCESSES} processes x {INFER_REPEATS} runs, "

@@ -221,7 +221,7 @@ class VisionAttention(nn.Module):
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # 3 x (1, nh, Np, hs)
         # each image attends only to itself (block-diagonal, cu_seqlens in transformers): one SDPA call per image
         per_image = zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))
-        y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi) for qi, ki, vi in per_image], dim=2)  # (1, nh, Np, hs)
+        y = torch.cat([F.scaled_dot_product_attention(*qkv_i) for qkv_i in per_image], dim=2)  # (1, nh, Np, hs)
         return self.proj(y[0].transpose(0, 1).reshape(N, D))
 
 
