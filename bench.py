@@ -9,9 +9,8 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
     python bench.py train [--steps 3]             a training step (forward, backward, AdamW) of the 2B widths at
                                                   reduced depth: tokens/s and MFU vs transformers, and the VPT path
     python bench.py infer                         prefill and decode against transformers: 2B widths at reduced
-                                                  depth and the tiny preset, fp32 (issue 11's table); on shared
-                                                  cores with OMP_NUM_THREADS=1, where waking a second thread for
-                                                  each op costs more than the tiny model's ops themselves
+                                                  depth and the tiny preset, fp32, CPU time on one thread
+                                                  (issue 11's table)
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse
@@ -362,7 +361,11 @@ def infer_inputs(cfg):
 def infer_once(impl, path):
     """Runs in a fresh process: the best prefill time, ViT time and decode tokens/s of one implementation, in fp32.
     Prefill is the prompt's forward up to the first sampled token; decode speed is measured from the first token
-    to the last of a greedy generate of INFER_NEW_TOKENS tokens (every row runs to the end: no stop token)."""
+    to the last of a greedy generate of INFER_NEW_TOKENS tokens (every row runs to the end: no stop token).
+    Times are this process's CPU time on one thread: on shared cores wall time adds the waits for a core (+-15 %
+    between runs at load 5 on 2 cores) and, with 2 threads, the wait for the second thread at every op (the tiny
+    model's prefill: 0.42 s against 0.012 s on one thread)."""
+    torch.set_num_threads(1)
     cfg = M.QwenConfig.from_hf(M.read_json(os.path.join(path, "config.json")))
     ids, pv, grid = infer_inputs(cfg)
     if impl == "ours":
@@ -376,7 +379,7 @@ def infer_once(impl, path):
 
         def decode(stamps):
             for t in M.generate(m, ids, None, pv, grid, max_new_tokens=INFER_NEW_TOKENS):
-                stamps.append((time.perf_counter(), int(t)))
+                stamps.append((time.process_time(), int(t)))
     else:
         from transformers import Qwen2VLForConditionalGeneration
         m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
@@ -395,7 +398,7 @@ def infer_once(impl, path):
 
             def put(self, t):
                 if not self.prompt:
-                    self.stamps.append((time.perf_counter(), int(t)))
+                    self.stamps.append((time.process_time(), int(t)))
                 self.prompt = False
 
             def end(self):
@@ -406,9 +409,9 @@ def infer_once(impl, path):
                        streamer=Stamps(stamps))
 
     def timed(f):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         f()
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
     res = dict(prefill=[], vit=[], decode=[])
     with torch.no_grad():
@@ -447,7 +450,7 @@ def bench_infer():
                   f"{o['vit'] / t['vit']:.2f}x the time"),
                  (f"decode, {name}", f"{o['decode']:.1f} vs {t['decode']:.1f} tokens/s",
                   f"{o['decode'] / t['decode']:.2f}x the speed")]
-    print(f"CPU, fp32, {torch.get_num_threads()} threads, best of {INFER_PROCESSES} processes x {INFER_REPEATS} runs, "
+    print(f"CPU time, 1 thread, fp32, best of {INFER_PROCESSES} processes x {INFER_REPEATS} runs, "
           f"448 px image + 32 text tokens, {INFER_NEW_TOKENS} new tokens; load average {os.getloadavg()[0]:.1f}")
     print("| measure | nanoVPT vs transformers | ratio |\n|---|---|---|")
     for r in rows:
