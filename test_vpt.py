@@ -2518,7 +2518,9 @@ def test_fsdp_memory_plan_divides_what_is_sharded(vpt_dir):
     assert eight["activations"] == one["activations"]
 
 
+# -----------------------------------------------------------------------------
 # issue 11: speed (the timings themselves are bench.py's: `python bench.py infer`)
+
 
 def test_vit_attention_runs_on_sdpa_fused_kernel():
     # 3-D (nh, Np, hs) inputs sent SDPA to its math path, 3x slower on CPU; with the fused kernel forced, a layout it
