@@ -10,7 +10,6 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
                                                   reduced depth: tokens/s and MFU vs transformers, and the VPT path
     python bench.py infer                         prefill and decode against transformers: 2B widths at reduced
                                                   depth and the tiny preset, fp32, CPU time on one thread
-                                                  (issue 11's table)
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse
@@ -335,7 +334,7 @@ def bench_train(steps=3):
 
 
 # -----------------------------------------------------------------------------
-# python bench.py infer: prefill and decode against transformers (issue 11)
+# python bench.py infer: prefill and decode against transformers
 
 INFER_MODELS = {  # row name: (preset, config overrides)
     "2B widths, 4 LLM layers + 4 ViT blocks": ("qwen2-vl-2b", dict(num_hidden_layers=4, vision=dict(depth=4))),
@@ -465,7 +464,7 @@ def main(argv=None):
     sub.add_parser("vpt", help="a region-selection answer: one continuous KV cache against re-prefilling")
     tr = sub.add_parser("train", help="training step tokens/s and MFU against transformers, and the VPT path")
     tr.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up (default 3)")
-    sub.add_parser("infer", help="prefill and decode against transformers (issue 11's table)")
+    sub.add_parser("infer", help="prefill and decode against transformers")
     args = p.parse_args(argv)
     if args.bench == "load":
         bench_load(args.preset)
