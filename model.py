@@ -8,6 +8,7 @@ is a near-identity copy. Each block mirrors the transformers 5.23 class or funct
 Shape legend: B batch, T new tokens, S keys (cached + new), C LLM width, nh / nkv query / key-value heads,
 hs head size, Np image patches (rows of pixel_values), D vision width, V vocabulary.
 """
+import copy
 import hashlib
 import json
 import os
@@ -324,6 +325,16 @@ class KVCache:
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) the same, for indexing
         self.pos = 0  # the longest row
         self.runs = runs(self.lengths)
+        self.parent = None  # (cache, row) for a row's view
+
+    def row(self, b):
+        """Row b alone, on this cache's storage: what a forward writes lands here, and advancing the view advances
+        row b here (a long chunk of one row runs without padding every other row to its length)."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, b:b + 1], self.v[:, b:b + 1]  # (n_layer, 1, nkv, max_len, hs) views
+        view.lengths, view.lens, view.pos = [self.lengths[b]], self.lens[b:b + 1], self.lengths[b]
+        view.runs, view.parent = runs(view.lengths), (self, b)
+        return view
 
     def update(self, layer, k, v):
         """k, v (B, nkv, T, hs) of the new tokens -> this layer's keys and values so far (B, nkv, S, hs)."""
@@ -349,6 +360,9 @@ class KVCache:
         self.lens = torch.tensor(self.lengths, device=self.k.device)
         self.pos = max(self.lengths)
         self.runs = runs(self.lengths)
+        if self.parent:
+            cache, b = self.parent
+            cache.advance([n[0] if i == b else 0 for i in range(len(cache.lengths))])
 
     def layer(self, i):
         return LayerCache(self, i)

@@ -611,15 +611,12 @@ class Engine:
         rows = [self.start(r) for r in requests]
         cache = M.KVCache(self.model.cfg, len(rows), self.budget(rows), self.dev, self.dtype, static=self.compiled)
         t0 = time.perf_counter()
-        self.prefill(rows, cache)
+        self.step(rows, cache)
         t1, steps = time.perf_counter(), 1
         while any(r.pending is not None for r in rows):
             self.advance_rows(rows, on_token)
             if any(r.pending is not None for r in rows):
-                if all(r.pending is None or (len(r.pending.ids) == 1 and not r.pending.overrides) for r in rows):
-                    self.decode(rows, cache)
-                else:
-                    self.prefill(rows, cache)
+                self.step(rows, cache)
                 steps += 1
         timings = dict(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, steps=steps)
         return [self.result(r, timings) for r in rows]
@@ -722,6 +719,22 @@ class Engine:
 
     # --- the two kinds of step
 
+    def step(self, rows, cache):
+        """Feeds every row's pending chunk: one decode_one_token when each is a single token; one prefill of all
+        chunks right-padded to the longest when the padding at most doubles the work (a batch's prompts, or rounds
+        opened on the same step); else each long chunk alone on its row of the cache (a re-encoded turn of 270
+        tokens beside one-token chunks), then the single tokens as a decode step."""
+        n = [len(r.pending.ids) if r.pending else 0 for r in rows]
+        long = [b for b, k in enumerate(n) if k > 1 or (k and rows[b].pending.overrides)]
+        if not long:
+            return self.decode(rows, cache, [k > 0 for k in n])
+        if max(n) * sum(k > 0 for k in n) <= 2 * sum(n):
+            return self.prefill(rows, cache)
+        for b in long:
+            self.prefill([rows[b]], cache.row(b))
+        if any(k == 1 and b not in long for b, k in enumerate(n)):
+            self.decode(rows, cache, [k == 1 and b not in long for b, k in enumerate(n)])
+
     def prefill(self, rows, cache):
         """One forward over each row's pending chunk (rows without one feed padding), right-padded to the longest:
         T (B, T) ids at M-RoPE positions that continue each row's transcript, with their images and overrides."""
@@ -749,15 +762,16 @@ class Engine:
         last = h[torch.arange(B), (lens - 1).clamp(min=0).to(self.dev)]  # (B, C) each row's last real token
         self.finish_step(rows, chunks, cache, last, m.lm_head(last))
 
-    def decode(self, rows, cache):
-        """One token per row: positions are each row's next text position, no M-RoPE index to build."""
-        chunks = [r.pending or Chunk([0]) for r in rows]  # a finished row feeds a token nobody reads
-        ids = torch.tensor([c.ids for c in chunks], device=self.dev)  # (B, 1)
+    def decode(self, rows, cache, fed):
+        """One token for each row b with fed[b]: positions are each row's next text position, no M-RoPE index to
+        build. The other rows (finished, or fed alone this step) feed a token past their length that nobody reads."""
+        chunks = [r.pending if ok else Chunk([]) for r, ok in zip(rows, fed)]
+        ids = torch.tensor([c.ids or [0] for c in chunks], device=self.dev)  # (B, 1)
         pos = torch.tensor([r.next_pos for r in rows], device=self.dev)[None, :, None].expand(3, -1, -1)  # (3, B, 1)
-        for r, c in zip(rows, chunks):
-            r.next_pos += r.pending is not None
+        for r, ok in zip(rows, fed):
+            r.next_pos += ok
         logits, last = self.decode_step(ids, pos, self.mask(cache, 1, False), cache)
-        self.finish_step(rows, [r.pending or Chunk([]) for r in rows], cache, last, logits)
+        self.finish_step(rows, chunks, cache, last, logits)
 
     def decode_one_token(self, ids, pos, mask, cache):
         """(B, 1) ids at positions (3, B, 1) -> ((B, V) logits, (B, C) final hidden states)."""
