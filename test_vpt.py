@@ -1052,22 +1052,26 @@ def test_engine_batch_equals_one_at_a_time(vpt_dir):
     assert worst <= 1e-5
 
 
+def boosted(head, tokens, by=30.0):
+    """head with `by` added to the logits of `tokens`: makes a path likely in a random model."""
+    class Boosted(torch.nn.Module):
+        weight = head.weight
+
+        def forward(self, h):
+            logits = head(h)
+            logits[..., tokens] += by
+            return logits
+
+    return Boosted()
+
+
 def test_engine_several_regions_in_one_turn(vpt_dir):
     """With max_regions 2 a forced region answer may open a second group; the turn then holds both crops as
     "Region i: <image>" lines (generate_region_item in the authors' evaluation/evaluation.py)."""
     model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
     T = model.tokens
     head = model.lm_head
-
-    class Again(torch.nn.Module):  # makes a second group likely after the first closes
-        weight = head.weight
-
-        def forward(self, h):
-            logits = head(h)
-            logits[..., T.region_start] += 30.0
-            return logits
-
-    model.lm_head = Again()
+    model.lm_head = boosted(head, T.region_start)  # a second group is likely after the first closes
     res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", "Where?", mode="region", max_regions=2,
                      max_new_tokens=16)
     assert [r.kind for r in res.rounds] == ["region", "region"]
@@ -1077,16 +1081,7 @@ def test_engine_several_regions_in_one_turn(vpt_dir):
     assert "Region 0: <|vision_start|>" in text and "Region 1: <|vision_start|>" in text, text
     diff = (transcript_logits(model, img_cfg, res) - res.logits).abs().max().item()
     assert diff <= 1e-5, f"two crops in one turn: cache vs fresh prefill {diff}"
-
-    class Close(torch.nn.Module):  # after one group the model closes the turn itself with <|im_end|>
-        weight = head.weight
-
-        def forward(self, h):
-            logits = head(h)
-            logits[..., T.im_end] += 30.0
-            return logits
-
-    model.lm_head = Close()
+    model.lm_head = boosted(head, T.im_end)  # after one group the model closes the turn itself with <|im_end|>
     res = vpt.answer(model, tok, img_cfg, vpt_dir / "a.png", "Where?", mode="region", max_regions=2,
                      max_new_tokens=8)
     assert [r.kind for r in res.rounds] == ["region"] and res.ids[5:7] == [T.region_end, T.im_end]
@@ -1115,17 +1110,8 @@ def test_engine_compiled_decode_gives_the_same_tokens(vpt_dir):
 def test_free_sampling_never_emits_an_invalid_group(vpt_dir):
     model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
     T = model.tokens
-    head = model.lm_head
-
-    class Boost(torch.nn.Module):  # makes the round-starting tokens likely, so that many groups are sampled
-        weight = head.weight
-
-        def forward(self, h):
-            logits = head(h)
-            logits[..., [T.region_start, T.act_start]] += 8.0
-            return logits
-
-    model.lm_head = Boost()
+    # the round-starting tokens made likely, so that many groups are sampled
+    model.lm_head = boosted(model.lm_head, [T.region_start, T.act_start], 8.0)
     seen = 0
     engine = vpt.Engine(model, tok, img_cfg, "free", max_rounds=1, max_new_tokens=8, temperature=1.5,
                         generator=torch.Generator().manual_seed(0))
