@@ -205,7 +205,8 @@ def evaluate(args, path, is_vpt, dtype, gen):
     """Answers every record's first user turn (after its system message, if it has one) about its first image (if
     it has one; greedy by default) and scores the answer against the record's last assistant message: exact match,
     perception-token use, and for regions the IoU and IoGT of the selected cells (without the crop margin) against
-    the record's "box"."""
+    the record's "box". Records that name a "kind" (synth.py's: "digits, 3 shapes", "counts") are also scored per
+    kind: exact match, and for records with a "box" the share whose first region is exactly the box's cells."""
     records = data.read_records(args.eval)
     base = os.path.dirname(os.path.abspath(args.eval))
     data.check_images(records, args.eval, base)
@@ -218,6 +219,7 @@ def evaluate(args, path, is_vpt, dtype, gen):
         tok, img_cfg = data.Tokenizer(path), data.ImageConfig.from_dir(path)
     stop = tok.stop_ids
     hits, kinds, overlaps = 0, {"region": 0, "reencode": 0}, []
+    per_kind = {}  # kind -> [records, exact matches, records with a box, first regions on the box's cells]
     for i, r in enumerate(records):
         msgs = r["messages"]
         system = msgs[0]["content"] if msgs[0]["role"] == "system" else None  # else the template's default
@@ -227,6 +229,7 @@ def evaluate(args, path, is_vpt, dtype, gen):
             image = data.open_image(r["images"][0], base, 10 ** 9) if r.get("images") else None  # None: text only
         except M.UserError as e:
             raise M.UserError(f"{args.eval}: record {i}: images[0]: {e}") from None
+        cells_right = False
         if is_vpt:
             s = vpt.Sampler(model, tok, img_cfg, args.vpt, args.max_rounds, args.max_new_tokens, args.temperature,
                             args.top_k, args.top_p, gen)
@@ -237,6 +240,11 @@ def evaluate(args, path, is_vpt, dtype, gen):
                 if rd.kind == "region" and "box" in r:
                     cells = vpt.cells_to_box(*rd.cells, image.width, image.height, model.vcfg.grid, margin=0)
                     overlaps.append(box_overlap(cells, r["box"]))
+            regions = [rd.cells for rd in s.rounds if rd.kind == "region"]
+            if regions and "box" in r:
+                (x1, x2), (y1, y2) = regions[0]
+                grid = model.vcfg.grid
+                cells_right = (x1, y1, x2, y2) == vpt.box_to_cells(r["box"], image.width, image.height, grid)
         else:
             images = [data.limit_side(image, 512)] if image else []  # as VPTDataset trained it
             pv, grid = data.process_images(images, img_cfg)
@@ -252,6 +260,9 @@ def evaluate(args, path, is_vpt, dtype, gen):
                 ids.append(int(t))
         answer = tok.decode(ids, skip_special_tokens=True).removeprefix(data.ANSWER_PREFIX).strip()
         hits += answer == truth
+        if "kind" in r:
+            for j, v in enumerate((1, answer == truth, is_vpt and "box" in r, cells_right)):
+                per_kind.setdefault(r["kind"], [0, 0, 0, 0])[j] += v
     n = len(records)
     line = (f"{args.eval} ({n} records, --vpt {args.vpt}): exact match {hits / n:.3f}; perception: "
             f"region {kinds['region'] / n:.2f}, re-encode {kinds['reencode'] / n:.2f}")
@@ -259,8 +270,13 @@ def evaluate(args, path, is_vpt, dtype, gen):
         line += (f"; region IoU {sum(o[0] for o in overlaps) / len(overlaps):.3f}, "
                  f"IoGT {sum(o[1] for o in overlaps) / len(overlaps):.3f}")
     print(line)
+    for kind, (k, right, boxed, cells) in sorted(per_kind.items()):
+        print(f"  {kind} ({k} records): exact match {right / k:.3f}" +
+              (f", region cells right {cells / boxed:.3f}" if boxed else ""))
     return dict(accuracy=hits / n, region=kinds["region"] / n, reencode=kinds["reencode"] / n,
-                iou=overlaps and sum(o[0] for o in overlaps) / len(overlaps))
+                iou=overlaps and sum(o[0] for o in overlaps) / len(overlaps),
+                kinds={kind: dict(accuracy=right / k, cells=boxed and cells / boxed)
+                       for kind, (k, right, boxed, cells) in per_kind.items()})
 
 
 def answer_tokens(sampler, image, prompt, tok):

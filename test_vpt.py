@@ -1280,7 +1280,7 @@ def test_synth_labels_vanish_in_the_global_view_only():
     """The design claim: all ten digits look alike at the global view's 1/2 scale and differ clearly in a crop (full
     resolution), with the plate where the set puts it (on the token grid, so at an even pixel phase: only the font
     cells' corners leave up to 4 grey levels at 1/2, under the objects' noise of std 12). The counting family's
-    checkered and plain squares go anywhere, so both phases: alike at 1/2, different in the DINOv2 view (224 -> 256)."""
+    checkered and plain squares, at even pixels too: alike at 1/2, different in the DINOv2 view (224 -> 256)."""
     def view(pixels, x, scale):
         canvas = np.full((112, 112), synth.GREY, np.uint8)
         h, w = pixels.shape
@@ -1294,9 +1294,8 @@ def test_synth_labels_vanish_in_the_global_view_only():
         views = [view(synth.label_pixels(str(d)), x, 1.0) for d in range(10)]
         assert min(np.abs(a - b).max() for i, a in enumerate(views) for b in views[i + 1:]) >= 40
     plain, checkered = np.full((synth.TILE, synth.TILE), synth.GREY, np.uint8), synth.checker(synth.TILE, synth.TILE)
-    for x in (16, 17):
-        assert np.abs(view(checkered, x, 1 / 2) - view(plain, x, 1 / 2)).max() <= 8
-        assert np.abs(view(checkered, x, 256 / 224) - view(plain, x, 256 / 224)).max() >= 40
+    assert np.abs(view(checkered, 16, 1 / 2) - view(plain, 16, 1 / 2)).max() <= 4
+    assert np.abs(view(checkered, 16, 256 / 224) - view(plain, 16, 256 / 224)).max() >= 40
 
 
 def test_synth_plates_sit_on_the_token_grid():
@@ -2192,3 +2191,22 @@ def test_train_checks_the_data_files_before_it_builds_the_model(tmp_path, monkey
     good, bad = write_records(tmp_path / "good", GOOD), write_records(tmp_path / "bad", {**GOOD, "images": ["b.png"]})
     with pytest.raises(M.UserError, match="record 0: images\\[0\\] 'b.png': image file not found"):  # the val file too
         train.main(train.parse_config([*base, f"--train_data={good}", f"--val_data={bad}"]))
+
+
+# -----------------------------------------------------------------------------
+# issue 16: quick start
+
+
+def test_demo_answers_the_question_it_asks(tmp_path, monkeypatch, capsys):
+    """The shipped quick-start model points at the shape the demo question names and reads its digit; the truth is
+    the scene's own record, drawn again from the demo's seed (sample.py's comment), so a new scene or question
+    needs no new constant here."""
+    _, shapes, _ = synth.make_scene(random.Random(2033), "shapes")
+    asked, = [s for s in shapes if f"on the {s['colour']} {s['shape']}?" in sample.DEMO_QUESTION]
+    monkeypatch.chdir(tmp_path)
+    sample.main([])
+    out, err = capsys.readouterr()
+    (xs, ys), = vpt.parse_regions(err)
+    assert (xs[0], ys[0], xs[-1], ys[-1]) == vpt.box_to_cells(asked["box"], synth.CANVAS, synth.CANVAS, synth.GRID), \
+        f"region {xs}, {ys} is not the {asked['colour']} {asked['shape']}'s quadrant"
+    assert out == asked["digit"] + "\n", f"answered {out!r}, the {asked['colour']} {asked['shape']} holds {asked}"
