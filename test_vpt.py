@@ -2210,3 +2210,28 @@ def test_demo_answers_the_question_it_asks(tmp_path, monkeypatch, capsys):
     assert (xs[0], ys[0], xs[-1], ys[-1]) == vpt.box_to_cells(asked["box"], synth.CANVAS, synth.CANVAS, synth.GRID), \
         f"region {xs}, {ys} is not the {asked['colour']} {asked['shape']}'s quadrant"
     assert out == asked["digit"] + "\n", f"answered {out!r}, the {asked['colour']} {asked['shape']} holds {asked}"
+
+
+def test_synth_counting_squares_one_per_quadrant_inside_the_dino_view():
+    """The counting family: one square per quadrant, at even pixels (so the global view's 1/2 scale averages the
+    checkers to grey), inside the DINOv2 centre crop and GAP/2 from the quadrant's edges; every count 0-4 occurs."""
+    counts = set()
+    for seed in range(40):
+        img, shapes, n = synth.make_scene(random.Random(seed), "tiles")
+        a = np.asarray(img).astype(int)  # (H, W, 3)
+        grey = (a[..., 0] == a[..., 1]) & (a[..., 1] == a[..., 2])  # the squares; no background tint is grey
+        checkered = 0
+        for cell in range(synth.GRID * synth.GRID):
+            x0, y0 = cell % synth.GRID * synth.CELL, cell // synth.GRID * synth.CELL
+            ys, xs = np.nonzero(grey[y0:y0 + synth.CELL, x0:x0 + synth.CELL])
+            x1, y1, x2, y2 = x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1
+            assert (x2 - x1, y2 - y1, len(xs)) == (synth.TILE, synth.TILE, synth.TILE ** 2), (seed, cell)
+            assert x1 % 2 == 0 and y1 % 2 == 0, (seed, cell, x1, y1)
+            assert min(x1, y1) >= max(synth.DINO_BORDER, synth.GAP // 2) and \
+                max(x2, y2) <= synth.CANVAS - synth.DINO_BORDER, (seed, cell)
+            assert x1 // synth.CELL == (x2 - 1) // synth.CELL and y1 // synth.CELL == (y2 - 1) // synth.CELL
+            square = a[y1:y2, x1:x2, 0]
+            checkered += np.abs(np.diff(square, axis=1)).mean() > 100  # neighbours differ by LIGHT - DARK, noisy
+        assert shapes == [] and checkered == n, (seed, checkered, n)
+        counts.add(n)
+    assert counts == set(range(synth.N_TILES + 1)), counts
