@@ -380,7 +380,8 @@ def eval_question(i, record, file, root):
 def score(i, record, question, truth, result, grid):
     """One record's line of --out: the answer, its perception rounds (a region's cells, its crop box and, when the
     record has a "box", the IoU and IoGT of the selected cells without the crop margin, the paper's Table S2) and
-    its scores: exact match (correct), VQA-normalised match and ANLS."""
+    its scores: exact match (correct), VQA-normalised match and ANLS; the record's "kind" and, for a VPT model and a
+    record with a box, whether the first region is exactly the box's cells (cells_right)."""
     rounds = []
     for rd in result.rounds:
         entry = {"kind": rd.kind}
@@ -391,14 +392,22 @@ def score(i, record, question, truth, result, grid):
                 entry["iou"], entry["iogt"] = box_overlap(cells, record["box"])
         rounds.append(entry)
     exact = result.text == truth
-    return dict(index=i, question=question, answer=result.text, truth=truth, rounds=rounds, exact=exact,
-                normalised=vqa_normalize(result.text) == vqa_normalize(truth), anls=anls(result.text, [truth]),
-                correct=exact)
+    row = dict(index=i, question=question, answer=result.text, truth=truth, rounds=rounds, exact=exact,
+               normalised=vqa_normalize(result.text) == vqa_normalize(truth), anls=anls(result.text, [truth]),
+               correct=exact)
+    if "kind" in record:  # synth.py's families ("digits, 3 shapes", "counts"), scored apart by summarize
+        row["kind"] = record["kind"]
+    if "box" in record and grid is not None:  # the first region exactly on the box's cells (no round: not)
+        first = next((rd.cells for rd in result.rounds if rd.kind == "region"), None)
+        want = vpt.box_to_cells(record["box"], *result.original.size, grid)
+        row["cells_right"] = first is not None and (first[0][0], first[1][0], first[0][-1], first[1][-1]) == want
+    return row
 
 
 def summarize(rows):
-    """Rows of score -> (the summary line, its numbers): the means over records, perception rounds per record, and
-    the region IoU / IoGT over the region rounds that have them."""
+    """Rows of score -> (the summary lines, their numbers): the means over records, perception rounds per record,
+    the region IoU / IoGT over the region rounds that have them, and a line per record kind (records that name
+    one): exact match and, where records have a box, the share whose first region is the box's cells."""
     n = len(rows)
     rounds = [rd for row in rows for rd in row["rounds"]]
     overlaps = [rd for rd in rounds if "iou" in rd]
@@ -411,6 +420,15 @@ def summarize(rows):
             f"perception: region {s['region']:.2f}, re-encode {s['reencode']:.2f}")
     if overlaps:
         line += f"; region IoU {s['iou']:.3f}, IoGT {s['iogt']:.3f}"
+    s["kinds"] = {}
+    for kind in sorted({r["kind"] for r in rows if "kind" in r}):
+        of = [r for r in rows if r.get("kind") == kind]
+        boxed = [r["cells_right"] for r in of if "cells_right" in r]
+        s["kinds"][kind] = dict(accuracy=sum(r["exact"] for r in of) / len(of),
+                                cells=sum(boxed) / len(boxed) if boxed else None)
+        line += f"\n  {kind} ({len(of)} records): exact match {s['kinds'][kind]['accuracy']:.3f}"
+        if boxed:  # picking one of N shapes at random shows as 1/N
+            line += f", region cells right {s['kinds'][kind]['cells']:.3f}"
     return line, s
 
 

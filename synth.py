@@ -1,7 +1,7 @@
 """
 The synthetic "look closer" set, nanoVPT's shakespeare_char: scene drawing, the records of each scene (VPT and
 baseline), and the command that writes the whole set with its tokenizer.
-    python synth.py                    # data/synth: 7.2k train / 309 val records, tokenizer.json (9 s)
+    python synth.py                    # data/synth: 7.4k train / 271 val records, tokenizer.json (9 s)
     python synth.py --help             # output folder, seed, sizes
 224x224 canvases whose answers are drawn in a one-pixel checkerboard that the 112x112 global view averages to grey,
 while a region crop (family 1: "What number is on the red circle?", region tokens) or the 224x224 DINOv2 view
@@ -57,7 +57,10 @@ def _plate_offsets(side):
 
 
 PLATE_X, PLATE_Y = _plate_offsets(LABEL_W), _plate_offsets(LABEL_H)  # only 28: a shape's place varies with its size
-N_TILES, TILE = 5, 32  # family 2, on canvases of its own: five 32-px squares, some checkered, the rest plain grey
+# family 2, on canvases of its own: a 64-px square in each quadrant, 0-4 of them checkered, the rest plain grey. Big
+# squares fill ~27 of the DINOv2 view's 256 patches each, so the count is the checkered share of the view (five
+# 32-px squares anywhere: counts at chance, 0.07-0.24, after 700 steps)
+N_TILES, TILE = GRID * GRID, 64
 # R low in the left half and high in the right, B low in the top half and high in the bottom: each quadrant has its
 # own tint, because Qwen2-VL has no absolute position embedding and a tiny model reads places from the pixels
 TINT = (60, 250)
@@ -91,9 +94,11 @@ def _paste(a, x, y, pixels):
     a[y:y + h, x:x + w, 3] = 255
 
 
-def _free(box, boxes) -> bool:
-    return all(box[2] + GAP <= b[0] or b[2] + GAP <= box[0] or box[3] + GAP <= b[1] or b[3] + GAP <= box[1]
-               for b in boxes)
+def _tile_offsets(c) -> tuple[int, int]:
+    """Range of a tile's offset in grid row or column c: GAP/2 from the quadrant's edges, DINO_BORDER from the
+    canvas's."""
+    lo = max(GAP // 2, DINO_BORDER if c == 0 else 0)
+    return lo, CELL - TILE - max(GAP // 2, DINO_BORDER if c == GRID - 1 else 0) + 1
 
 
 def _draw_shapes(rng, draw) -> list[dict]:
@@ -118,12 +123,12 @@ def make_scene(rng, kind) -> tuple[Image.Image, list[dict], int]:
     labelled shapes; kind "tiles": N_TILES squares (they need room the shapes do not leave)."""
     layer = Image.new("RGBA", (CANVAS, CANVAS))  # objects only: alpha marks where the noise goes
     shapes = _draw_shapes(rng, ImageDraw.Draw(layer)) if kind == "shapes" else []
-    tiles = []  # inside the DINOv2 centre crop
-    while kind == "tiles" and len(tiles) < N_TILES:
-        x, y = (rng.randint(DINO_BORDER, CANVAS - DINO_BORDER - TILE) for _ in range(2))
-        if _free((x, y, x + TILE, y + TILE), tiles):
-            tiles.append([x, y, x + TILE, y + TILE])
+    tiles = []  # one per quadrant, inside the DINOv2 centre crop, at even pixels (the checkers average to grey at 1/2)
+    for cell in range(N_TILES) if kind == "tiles" else ():
+        x, y = (c * CELL + rng.randrange(*_tile_offsets(c), 2) for c in (cell % GRID, cell // GRID))
+        tiles.append([x, y, x + TILE, y + TILE])
     n_checkered = rng.randint(0, N_TILES) if tiles else 0
+    tiles = rng.sample(tiles, len(tiles))  # the first n_checkered are checkered: any of the quadrants
     a = np.array(layer)  # (H, W, 4)
     for s in shapes:
         _paste(a, *label_origin(s["box"]), label_pixels(s["digit"]))
@@ -145,7 +150,8 @@ def _chat(*turns) -> list[dict]:
 
 
 def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], list[dict]]:
-    """One scene -> (VPT records, baseline records): a label question per shape, or the tile-count question. where:
+    """One scene -> (VPT records, baseline records): a label question per shape, or the tile-count question, each
+    with the "kind" sample.py --eval scores apart ("digits, 3 shapes", "counts"). where:
     also a "Where is the red circle?" record per shape, answered by the region alone: twice the pointing signal (the
     slow part to learn), for training."""
     records, base = [], []
@@ -158,17 +164,18 @@ def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], l
                             "images": [path], "box": s["box"]})
         q = f"What number is on the {name}?"
         crop = vpt.cells_to_box(cells[0::2], cells[1::2], CANVAS, CANVAS, GRID, MARGIN)
+        kind = f"digits, {len(shapes)} shape{'s' * (len(shapes) > 1)}"
         records.append({"messages": _chat(f"<image>\n{q}", region, "<image>", data.ANSWER_PREFIX + s["digit"]),
-                        "images": [path, f"{path}_{','.join(map(str, crop))}"], "box": s["box"]})
-        base.append((q, s["digit"]))
+                        "images": [path, f"{path}_{','.join(map(str, crop))}"], "box": s["box"], "kind": kind})
+        base.append((q, s["digit"], kind))
     if not shapes:
         act = "".join(vpt.token_strings("dino", GRID)[1][-3:])  # <|detection_action_start|>, _action|>, _action_end|>
         answer = data.ANSWER_PREFIX + str(n_checkered)
         records.append({"messages": _chat(f"<image>\n{TILES_QUESTION}", act, "<detection_image>", answer),
-                        "images": [path], "detection_images": [path]})
-        base.append((TILES_QUESTION, str(n_checkered)))
+                        "images": [path], "detection_images": [path], "kind": "counts"})
+        base.append((TILES_QUESTION, str(n_checkered), "counts"))
     # the baseline twins: the same image, question and answer, without perception tokens
-    base = [{"messages": _chat(f"<image>\n{q}", a), "images": [path]} for q, a in base]
+    base = [{"messages": _chat(f"<image>\n{q}", a), "images": [path], "kind": k} for q, a, k in base]
     return records, base
 
 
