@@ -396,6 +396,12 @@ EXTRA_PLACEHOLDERS = {"dino": ("<detection_image>", "detection_images"), "clip":
 ANSWER_PREFIX = "Now answer the question.\n"
 
 
+def answer_text(tok, ids):
+    """Answer token ids (no stop id) -> the answer: special tokens and the authors' "Now answer the question." line
+    (ANSWER_PREFIX) dropped, stripped."""
+    return tok.decode(ids, skip_special_tokens=True).removeprefix(ANSWER_PREFIX).strip()
+
+
 def parse_image_ref(ref, base_dir):
     """'img.jpg' or the authors' crop form 'img.jpg_x1,y1,x2,y2' -> (path relative to base_dir, box or None)."""
     stem, dot, ext = ref.rpartition(".")

@@ -263,12 +263,6 @@ def report(timings, prompt_len, n_tokens, max_positions=None):
 PLAIN_SIDE = 512  # a plain model's image is limited to this long side, as VPTDataset (image_resolution) trained it
 
 
-def answer_text(tok, ids):
-    """Answer token ids (no stop id) -> the answer: special tokens and the authors' "Now answer the question." line
-    (data.ANSWER_PREFIX) dropped, stripped."""
-    return tok.decode(ids, skip_special_tokens=True).removeprefix(data.ANSWER_PREFIX).strip()
-
-
 class PlainEngine:
     """vpt.Engine's interface for a plain Qwen2-VL (no perception rounds): answer(requests) runs one left-padded
     M.generate over the batch; a row's answer ends at its first stop id, and the batch when every row has stopped."""
@@ -302,8 +296,8 @@ class PlainEngine:
             for row, t in zip(out, step.tolist()):
                 if not (row and row[-1] in stop):  # a row that has stopped keeps being sampled with the batch
                     row.append(t)
-        return [vpt.Result(answer_text(tok, [t for t in row if t not in stop]), row, [], p + row[:-1], len(p), None,
-                           r.image, None) for row, p, r in zip(out, prompts, requests)]
+        return [vpt.Result(data.answer_text(tok, [t for t in row if t not in stop]), row, [], p + row[:-1], len(p),
+                           None, r.image, None) for row, p, r in zip(out, prompts, requests)]
 
 
 def evaluate(args, path, is_vpt, dtype, gen):

@@ -713,9 +713,8 @@ class Engine:
 
     def result(self, r, timings):
         hidden = self.T.perception() | set(self.stop)
-        text = self.tok.decode([t for t in r.sampled if t not in hidden], skip_special_tokens=True)
-        return Result(text.removeprefix(data.ANSWER_PREFIX).strip(), r.sampled, r.rounds, r.transcript,
-                      r.prompt_len, r.logits, r.original, timings)
+        text = data.answer_text(self.tok, [t for t in r.sampled if t not in hidden])
+        return Result(text, r.sampled, r.rounds, r.transcript, r.prompt_len, r.logits, r.original, timings)
 
     # --- the two kinds of step
 
