@@ -10,6 +10,7 @@ hs head size, Np image patches (rows of pixel_values), D vision width, V vocabul
 """
 import copy
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -219,11 +220,16 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(N, 3, self.nh, D // self.nh).unbind(1)  # 3 x (Np, nh, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # SDPA's fused kernels take (B, nh, T, hs) only; 3-D (nh, Np, hs) falls back to the math path (3x slower on CPU)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # 3 x (1, nh, Np, hs)
-        # each image attends only to itself (block-diagonal, cu_seqlens in transformers): one SDPA call per image
-        per_image = zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))
-        y = torch.cat([F.scaled_dot_product_attention(*qkv_i) for qkv_i in per_image], dim=2)  # (1, nh, Np, hs)
-        return self.proj(y[0].transpose(0, 1).reshape(N, D))
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # 3 x (nh, Np, hs)
+        # each image attends only to itself (block-diagonal, cu_seqlens in transformers): one SDPA call per run of
+        # images of one size, the run as its batch (a training batch of 32 equal images is one call, not 32)
+        ys, start = [], 0
+        for L, run in itertools.groupby(seqlens):
+            n = len(list(run))
+            qkv = (t[:, start:start + n * L].unflatten(1, (n, L)).transpose(0, 1) for t in (q, k, v))  # (n, nh, L, hs)
+            ys.append(F.scaled_dot_product_attention(*qkv).transpose(0, 1).flatten(1, 2))  # (nh, n * L, hs)
+            start += n * L
+        return self.proj(torch.cat(ys, 1).transpose(0, 1).reshape(N, D))  # (Np, D)
 
 
 class VisionMlp(nn.Module):

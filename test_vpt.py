@@ -2521,13 +2521,17 @@ def test_vit_attention_runs_on_sdpa_fused_kernel():
     # refuses raises "No available kernel" instead of falling back
     torch.manual_seed(0)
     vit = M.VisionTransformer(M.QwenConfig(**M.PRESETS["tiny"]).vision).eval()
-    grid = torch.tensor([[1, 4, 8], [1, 6, 4]])  # two images: the per-image (block-diagonal) attention too
+    # three images, two of one size: a run of equal images is one batched call, then one of another size
+    grid = torch.tensor([[1, 4, 8], [1, 4, 8], [1, 6, 4]])
     pv = torch.randn(int(grid.prod(-1).sum()), vit.cfg.patch_dim)
     with torch.no_grad():
         free = vit(pv, grid)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             fused = vit(pv, grid)
+        alone = torch.cat([vit(p, g[None]) for p, g in zip(pv.split(grid.prod(-1).tolist()), grid)])
     assert torch.equal(fused, free), "the fused kernel is not the one SDPA chose"
+    # each image attends only to itself: the batch equals the images one at a time (max abs diff 0 here, 1e-6 allowed)
+    torch.testing.assert_close(free, alone, rtol=0, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------
