@@ -1045,9 +1045,13 @@ def run(cfg):
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             meter.report(iter_num, total, n_global, cfg.lr * lr_scale, cfg, ddp, world, device, master)
     if ddp:
-        # after the last collective has left gloo's worker thread: that thread frees its tensors under the GIL, and
-        # destroying the group joins it while holding the GIL (a hang at exit seen on the CPU under DDP)
+        # gloo's worker thread frees a finished collective's tensors under the GIL, and destroying the group joins
+        # that thread while holding the GIL: a hang at exit (seen under load, in the DDP wrapper's Reducer freed
+        # after destroy_process_group). So: the wrapper goes first, while the group is registered; the barrier
+        # drains the queue; the sleep hands the GIL to the worker to free it; then the group is destroyed.
+        del model
         dist.barrier()
+        time.sleep(0.5)
         dist.destroy_process_group()
     return raw
 
