@@ -67,6 +67,7 @@ TINT = (60, 250)
 PNG_COMPRESS = 1  # the flat background compresses well anyway; level 1 keeps generation to seconds
 TOKENIZER_SIZE = 400  # BPE merges for the task's words: every word ends up one to four tokens
 TILES_QUESTION = "How many checkered squares are there?"
+LIST_QUESTION = "List the shapes and where they are."  # the grounding stage's list of every shape with its region
 
 
 def label_origin(box) -> tuple[int, int]:
@@ -179,9 +180,23 @@ def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], l
     return records, base
 
 
-def make_synth(out_dir="data/synth", n_train_images=2000, n_val_images=150, seed=1337) -> dict:
-    """Writes images/, train.jsonl and val.jsonl (VPT records), train_baseline.jsonl and val_baseline.jsonl, and
-    tokenizer.json (the task's words, Qwen's special tokens, the VPT tokens). Returns the records per file."""
+def ground_records(path, shapes) -> list[dict]:
+    """A grounding scene's records, for the stage before VPT (what pretraining gives the real model): "Where is the
+    red circle?" per shape, answered by its region, and the scene's shapes listed in palette order with each name
+    followed by its region (a region right after the words it answers is the easy form of the same lookup)."""
+    regions = [vpt.region_text(vpt.box_to_cells(s["box"], CANVAS, CANVAS, GRID)) for s in shapes]
+    records = [{"messages": _chat(f"<image>\nWhere is the {s['colour']} {s['shape']}?", region), "images": [path],
+                "box": s["box"]} for s, region in zip(shapes, regions)]
+    listed = sorted(zip(shapes, regions), key=lambda sr: list(PALETTE).index(sr[0]["colour"]))
+    answer = " ".join(f"{s['colour']} {s['shape']} {region}" for s, region in listed)
+    return records + [{"messages": _chat(f"<image>\n{LIST_QUESTION}", answer), "images": [path]}]
+
+
+def make_synth(out_dir="data/synth", n_train_images=2000, n_val_images=150, n_ground_images=2000, seed=1337) -> dict:
+    """Writes images/, train.jsonl and val.jsonl (VPT records), train_baseline.jsonl and val_baseline.jsonl,
+    ground.jsonl and ground_val.jsonl (the grounding stage's records, on scenes of their own: a tenth as many for
+    validation), and tokenizer.json (the task's words, Qwen's special tokens, the VPT tokens). Returns the records
+    per file."""
     out, rng = Path(out_dir), random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts, texts = {}, ["system", "user", "assistant", data.DEFAULT_SYSTEM, data.ANSWER_PREFIX]
@@ -199,6 +214,17 @@ def make_synth(out_dir="data/synth", n_train_images=2000, n_val_images=150, seed
             counts[name] = len(rs)
         if split == "train":
             texts += [m["content"] for r in records + base for m in r["messages"]]
+    for split, n_images in (("ground", n_ground_images), ("ground_val", max(1, n_ground_images // 10))):
+        records = []
+        for i in range(n_images):
+            img, shapes, _ = make_scene(rng, "shapes")
+            path = f"images/{split}_{i:05d}.png"
+            img.save(out / path, compress_level=PNG_COMPRESS)
+            records += ground_records(path, shapes)
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        counts[split] = len(records)
+        if split == "ground":
+            texts += [m["content"] for r in records for m in r["messages"]]
     tok = data.train_tokenizer(texts, TOKENIZER_SIZE, out)
     vpt.add_tokens(tok, "dino", GRID)
     tok.save(out)
@@ -212,9 +238,11 @@ def main(argv=None):
     p.add_argument("--n_train_images", type=int, default=2000,
                    help="canvases for train.jsonl, every third one of the counting family (default 2000)")
     p.add_argument("--n_val_images", type=int, default=150, help="canvases for val.jsonl (default 150)")
+    p.add_argument("--n_ground_images", type=int, default=2000,
+                   help="canvases for ground.jsonl, the grounding stage's; ground_val.jsonl gets a tenth (default 2000)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    counts = make_synth(args.out_dir, args.n_train_images, args.n_val_images, args.seed)
+    counts = make_synth(args.out_dir, args.n_train_images, args.n_val_images, args.n_ground_images, args.seed)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s: {summary}")
 

@@ -1328,13 +1328,13 @@ def test_demo_model_and_image_are_the_defaults(tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    synth.make_synth(d, n_train_images=6, n_val_images=2, seed=1337)
+    synth.make_synth(d, n_train_images=6, n_val_images=2, n_ground_images=4, seed=1337)
     return d
 
 
 def test_synth_is_deterministic_and_well_formed(synth_dir, tmp_path):
-    synth.make_synth(tmp_path / "again", 6, 2, seed=1337)
-    synth.make_synth(tmp_path / "other", 6, 2, seed=7)
+    synth.make_synth(tmp_path / "again", 6, 2, 4, seed=1337)
+    synth.make_synth(tmp_path / "other", 6, 2, 4, seed=7)
     for name in ("train.jsonl", "val.jsonl", "train_baseline.jsonl", "tokenizer.json"):
         assert (synth_dir / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), f"{name} not reproducible"
     assert (synth_dir / "train.jsonl").read_bytes() != (tmp_path / "other" / "train.jsonl").read_bytes()
