@@ -1,19 +1,22 @@
-# The quick start's first stage: grounding, what pretraining gives the real Qwen2-VL before VPT fine-tunes it. A plain
-# Qwen2-VL (no perception tokens of its own to learn here: region tokens are words to it) learns from scratch to point
-# at the shape a question names ("Where is the green square?", and every shape listed with its region) on scenes of
-# its own (python synth.py). Both the VPT run (config/synth.py) and the baseline start from its weights. Pointing from
-# scratch is a plateau: here the validation loss sits near 0.16 until about step 2,000 of 16, then falls to 0.04.
+# A grounding stage before the quick start's VPT run, what pretraining gives the real Qwen2-VL before VPT fine-tunes
+# it: the model learns from scratch to point at the shape a question names ("Where is the green square?", and every
+# shape listed with its region) on scenes of its own (python synth.py), then config/synth.py continues from it with
+# --init_from=out-synth-ground. The VPT model is built here already (its DINOv2 and projector untouched: no record
+# re-encodes), so the next run loads it as it is. Pointing from scratch is a plateau: the validation loss sits near
+# 0.16 until about step 2,000 of 16, then falls to 0.04 (one run).
 init_from = "scratch"
 model_preset = "synth"
 tokenizer = "data/synth/tokenizer.json"
 min_pixels = 3136
 max_pixels = 12544  # 112 * 112, as config/synth.py
-use_vpt = False
+use_vpt = True
+grid = 2  # as config/synth.py
+region_margin = 0
 train_data = "data/synth/ground.jsonl"
 val_data = "data/synth/ground_val.jsonl"
 out_dir = "out-synth-ground"
 stage = "all"
-batch_size = 16  # more, smaller steps: the plateau ends after a number of steps (3,000 of 16 left it, 1,000 of 32 not)
+batch_size = 16  # more, smaller steps: the plateau ends after a number of steps (3,000 of 16 left it; 1,000 of 32 did not)
 grad_accum = 1
 max_iters = 3000
 lr = 1e-3
