@@ -1,7 +1,7 @@
 """
 The synthetic "look closer" set, nanoVPT's shakespeare_char: scene drawing, the records of each scene (VPT and
 baseline), and the command that writes the whole set with its tokenizer.
-    python synth.py                    # data/synth: 7.4k train / 271 val records, tokenizer.json (9 s)
+    python synth.py                    # data/synth: 7.4k train / 271 val, 7.0k grounding records, tokenizer (18 s)
     python synth.py --help             # output folder, seed, sizes
 224x224 canvases whose answers are drawn in a one-pixel checkerboard that the 112x112 global view averages to grey,
 while a region crop (family 1: "What number is on the red circle?", region tokens) or the 224x224 DINOv2 view

@@ -1413,6 +1413,14 @@ def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
     train.main(train.parse_config([f"--train_data={synth_dir / 'train_baseline.jsonl'}",
                                    f"--val_data={synth_dir / 'val_baseline.jsonl'}", f"--out_dir={tmp_path / 'base'}",
                                    "--use_vpt=False", *common]))
+    # the grounding stage, then a VPT run that continues from it (config/synth_ground.py, then --init_from)
+    train.main(train.parse_config([f"--train_data={synth_dir / 'ground.jsonl'}", "--grid=2",
+                                   f"--val_data={synth_dir / 'ground_val.jsonl'}", f"--out_dir={tmp_path / 'ground'}",
+                                   *common]))
+    grounded = train.main(train.parse_config([f"--train_data={synth_dir / 'train.jsonl'}", "--grid=2",
+                                              f"--val_data={synth_dir / 'val.jsonl'}", f"--out_dir={tmp_path / 'g'}",
+                                              *common, f"--init_from={tmp_path / 'ground'}"]))
+    assert grounded.vcfg.grid == 2 and grounded.tokens.act is not None
     n = len(data.read_records(synth_dir / "val.jsonl"))
     r = sample.main(["--init_from", str(tmp_path / "vpt"), "--eval", str(synth_dir / "val.jsonl"), "--vpt", "region",
                      "--max_new_tokens", "12", "--device", "cpu"])
@@ -2536,6 +2544,28 @@ def test_vit_attention_runs_on_sdpa_fused_kernel():
 
 # -----------------------------------------------------------------------------
 # issue 16: quick start
+
+
+def test_synth_ground_records_point_at_each_shape_and_list_them_in_palette_order():
+    """The grounding stage's records of a scene: "Where is the X?" per shape, answered by the region of its box, and
+    one list of every shape in palette order, each name followed by its region."""
+    for seed in range(20):
+        _, shapes, _ = synth.make_scene(random.Random(seed), "shapes")
+        records = synth.ground_records("a.png", shapes)
+        assert len(records) == len(shapes) + 1
+        for s, r in zip(shapes, records):
+            assert r["messages"][0]["content"] == f"<image>\nWhere is the {s['colour']} {s['shape']}?"
+            (xs, ys), = vpt.parse_regions(r["messages"][1]["content"])
+            assert vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) == (xs[0], ys[0], xs[1], ys[1])
+        listed = records[-1]["messages"][1]["content"]
+        assert records[-1]["messages"][0]["content"] == f"<image>\n{synth.LIST_QUESTION}"
+        names = [f"{s['colour']} {s['shape']} " for s in sorted(shapes, key=lambda s: list(synth.PALETTE).index(
+            s["colour"]))]
+        at = [listed.index(name) for name in names]
+        assert at == sorted(at), listed  # palette order
+        for name, s in zip(names, sorted(shapes, key=lambda s: list(synth.PALETTE).index(s["colour"]))):
+            region = vpt.region_text(vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID))
+            assert name + region in listed, (name, listed)  # the region right after its name
 
 
 def test_synth_counting_squares_one_per_quadrant_inside_the_dino_view():
