@@ -161,8 +161,7 @@ def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], l
         cells = vpt.box_to_cells(s["box"], CANVAS, CANVAS, GRID)
         region = vpt.region_text(cells)
         if where:
-            records.append({"messages": _chat(f"<image>\nWhere is the {name}?", region),
-                            "images": [path], "box": s["box"]})
+            records.append(where_record(path, s, region))
         q = f"What number is on the {name}?"
         crop = vpt.cells_to_box(cells[0::2], cells[1::2], CANVAS, CANVAS, GRID, MARGIN)
         kind = f"digits, {len(shapes)} shape{'s' * (len(shapes) > 1)}"
@@ -180,13 +179,18 @@ def scene_records(path, shapes, n_checkered, where=False) -> tuple[list[dict], l
     return records, base
 
 
+def where_record(path, shape, region) -> dict:
+    """"Where is the red circle?", answered by the shape's region alone."""
+    return {"messages": _chat(f"<image>\nWhere is the {shape['colour']} {shape['shape']}?", region), "images": [path],
+            "box": shape["box"]}
+
+
 def ground_records(path, shapes) -> list[dict]:
     """A grounding scene's records, for the stage before VPT (what pretraining gives the real model): "Where is the
     red circle?" per shape, answered by its region, and the scene's shapes listed in palette order with each name
     followed by its region (a region right after the words it answers is the easy form of the same lookup)."""
     regions = [vpt.region_text(vpt.box_to_cells(s["box"], CANVAS, CANVAS, GRID)) for s in shapes]
-    records = [{"messages": _chat(f"<image>\nWhere is the {s['colour']} {s['shape']}?", region), "images": [path],
-                "box": s["box"]} for s, region in zip(shapes, regions)]
+    records = [where_record(path, s, region) for s, region in zip(shapes, regions)]
     listed = sorted(zip(shapes, regions), key=lambda sr: list(PALETTE).index(sr[0]["colour"]))
     answer = " ".join(f"{s['colour']} {s['shape']} {region}" for s, region in listed)
     return records + [{"messages": _chat(f"<image>\n{LIST_QUESTION}", answer), "images": [path]}]
