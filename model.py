@@ -219,10 +219,10 @@ class VisionAttention(nn.Module):
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.nh, D // self.nh).unbind(1)  # 3 x (Np, nh, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # SDPA's fused kernels take (B, nh, T, hs) only; 3-D (nh, Np, hs) falls back to the math path (3x slower on CPU)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # 3 x (nh, Np, hs)
         # each image attends only to itself (block-diagonal, cu_seqlens in transformers): one SDPA call per run of
-        # images of one size, the run as its batch (a training batch of 32 equal images is one call, not 32)
+        # images of one size, the run as its batch (a training batch of 32 equal images is one call, not 32), in 4-D:
+        # SDPA's fused kernels take (B, nh, T, hs) only, and 3-D falls back to the math path (3x slower on CPU)
         ys, start = [], 0
         for L, run in itertools.groupby(seqlens):
             n = len(list(run))

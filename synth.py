@@ -196,6 +196,18 @@ def ground_records(path, shapes) -> list[dict]:
     return records + [{"messages": _chat(f"<image>\n{LIST_QUESTION}", answer), "images": [path]}]
 
 
+def _draw_split(out, rng, split, kinds) -> list[tuple[str, list[dict], int]]:
+    """Draws canvas i of a split as make_scene's kinds[i] and saves it in out/images -> [(path relative to out,
+    shapes, number of checkered squares)] in order."""
+    scenes = []
+    for i, kind in enumerate(kinds):
+        img, shapes, n_checkered = make_scene(rng, kind)
+        path = f"images/{split}_{i:05d}.png"
+        img.save(out / path, compress_level=PNG_COMPRESS)
+        scenes.append((path, shapes, n_checkered))
+    return scenes
+
+
 def make_synth(out_dir="data/synth", n_train_images=2000, n_val_images=150, n_ground_images=2000, seed=1337) -> dict:
     """Writes images/, train.jsonl and val.jsonl (VPT records), train_baseline.jsonl and val_baseline.jsonl,
     ground.jsonl and ground_val.jsonl (the grounding stage's records, on scenes of their own: a tenth as many for
@@ -204,29 +216,26 @@ def make_synth(out_dir="data/synth", n_train_images=2000, n_val_images=150, n_gr
     out, rng = Path(out_dir), random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts, texts = {}, ["system", "user", "assistant", data.DEFAULT_SYSTEM, data.ANSWER_PREFIX]
+
+    def write(name, records):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        counts[name] = len(records)
+
     for split, n_images in (("train", n_train_images), ("val", n_val_images)):
         records, base = [], []
-        for i in range(n_images):
-            img, shapes, n_checkered = make_scene(rng, "tiles" if i % 3 == 2 else "shapes")
-            path = f"images/{split}_{i:05d}.png"
-            img.save(out / path, compress_level=PNG_COMPRESS)
+        kinds = ["tiles" if i % 3 == 2 else "shapes" for i in range(n_images)]
+        for path, shapes, n_checkered in _draw_split(out, rng, split, kinds):
             r, b = scene_records(path, shapes, n_checkered, where=split == "train")
             records += r
             base += b
-        for name, rs in ((split, records), (f"{split}_baseline", base)):
-            (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-            counts[name] = len(rs)
+        write(split, records)
+        write(f"{split}_baseline", base)
         if split == "train":
             texts += [m["content"] for r in records + base for m in r["messages"]]
     for split, n_images in (("ground", n_ground_images), ("ground_val", max(1, n_ground_images // 10))):
-        records = []
-        for i in range(n_images):
-            img, shapes, _ = make_scene(rng, "shapes")
-            path = f"images/{split}_{i:05d}.png"
-            img.save(out / path, compress_level=PNG_COMPRESS)
-            records += ground_records(path, shapes)
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        counts[split] = len(records)
+        records = [r for path, shapes, _ in _draw_split(out, rng, split, ["shapes"] * n_images)
+                   for r in ground_records(path, shapes)]
+        write(split, records)
         if split == "ground":
             texts += [m["content"] for r in records for m in r["messages"]]
     tok = data.train_tokenizer(texts, TOKENIZER_SIZE, out)
