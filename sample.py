@@ -310,12 +310,13 @@ def evaluate(args, path, is_vpt, dtype, gen):
         raise M.UserError(f"--eval {args.eval}: the file holds no records")
     root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
     check_eval_images(records, args, root)
+    texts = [eval_text(i, r, args.eval) for i, r in enumerate(records)]  # all checked before the model loads
     engine, grid = eval_engine(args, path, is_vpt, dtype, gen)
     rows = []
     with tqdm(total=len(records), desc="eval", unit="record", file=sys.stderr) as bar:  # with its ETA
         for start in range(0, len(records), args.batch_size):
             batch = range(start, min(start + args.batch_size, len(records)))
-            asked = [eval_question(i, records[i], args.eval, root) for i in batch]
+            asked = [eval_question(i, records[i], texts[i], args.eval, root) for i in batch]
             results = engine.answer([request for request, _ in asked])
             rows += [score(i, records[i], request.prompt, truth, result, grid)
                      for i, (request, truth), result in zip(batch, asked, results)]
@@ -358,12 +359,23 @@ def eval_engine(args, path, is_vpt, dtype, gen):
                        gen), None
 
 
-def eval_question(i, record, file, root):
-    """A record -> (Request of its first question, the truth: its last answer without data.ANSWER_PREFIX)."""
+def eval_text(i, record, file):
+    """A record -> (its system message or None, its first question without <image>, the truth: its last answer
+    without data.ANSWER_PREFIX). Raises UserError for a question that holds another view's placeholder."""
     msgs = record["messages"]
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else None  # else the template's default
     question = msgs[1 if system is not None else 0]["content"].replace(data.IMAGE_PLACEHOLDER, "").strip()
-    truth = msgs[-1]["content"].removeprefix(data.ANSWER_PREFIX).strip()
+    for ph, key in data.EXTRA_PLACEHOLDERS.values():  # an alignment-stage record: its view belongs in the question
+        if ph in question:
+            raise M.UserError(f"{file}: record {i}: its question holds {ph} ({key} in the user turn, as in an "
+                              f"alignment-stage record); --eval asks about the first image alone, and the model "
+                              f"asks for that view itself: evaluate records whose first question holds only <image>")
+    return system, question, msgs[-1]["content"].removeprefix(data.ANSWER_PREFIX).strip()
+
+
+def eval_question(i, record, text, file, root):
+    """A record and its eval_text -> (Request of its first question, the truth)."""
+    system, question, truth = text
     try:  # uncapped: the engine limits the view itself, and crops come from the full-resolution image
         image = data.open_image(record["images"][0], root, 10 ** 9) if record.get("images") else None
     except M.UserError as e:

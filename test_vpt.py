@@ -2450,6 +2450,18 @@ def test_eval_records_copied_elsewhere_resolve_images_with_image_root(vpt_dir, t
     assert got == sample.main([*common, "--eval", str(head)]), "the same records, the same scores"
 
 
+def test_eval_refuses_an_alignment_record_before_loading_the_model(vpt_dir, tmp_path, monkeypatch):
+    """A record whose question holds the re-encoded view itself (an alignment-stage record, as synth.py's stage-1
+    counting records) cannot be asked as a VPT question: one sentence naming the record, before any model loads."""
+    align = {"messages": [{"role": "user", "content": "<image><detection_image>\nHow many?"},
+                          {"role": "assistant", "content": "2"}], "images": ["a.png"], "detection_images": ["a.png"]}
+    f = write_records(tmp_path, EVAL_RECORDS[0], align)
+    monkeypatch.setattr(vpt, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(M.UserError, match=r"records.jsonl: record 1: its question holds <detection_image> "
+                                          r"\(detection_images in the user turn"):
+        sample.main(["--init_from", str(vpt_dir), "--eval", str(f), "--device", "cpu"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
     (["--out", "no/such/p.jsonl"], "--out no/such/p.jsonl: no such folder .*no/such$"),
