@@ -1421,9 +1421,13 @@ def test_synth_pipeline_end_to_end(synth_dir, tmp_path, capsys):
                                               f"--val_data={synth_dir / 'val.jsonl'}", f"--out_dir={tmp_path / 'g'}",
                                               *common, f"--init_from={tmp_path / 'ground'}"]))
     assert grounded.vcfg.grid == 2 and grounded.tokens.act is not None
-    train.main(train.parse_config([f"--train_data={synth_dir / 'train_baseline.jsonl'}", "--use_vpt=False",
-                                   f"--val_data={synth_dir / 'val_baseline.jsonl'}", f"--out_dir={tmp_path / 'gb'}",
-                                   *common, f"--init_from={tmp_path / 'ground'}"]))  # the baseline, from it too
+    gb = tmp_path / "gb"
+    base = train.main(train.parse_config([f"--train_data={synth_dir / 'train_baseline.jsonl'}", "--use_vpt=False",
+                                          f"--val_data={synth_dir / 'val_baseline.jsonl'}", f"--out_dir={gb}",
+                                          *common, f"--init_from={tmp_path / 'ground'}"]))  # the baseline, from it too
+    assert type(base) is M.Qwen2VL, "the baseline continues as a plain Qwen2-VL, without DINOv2 and the projector"
+    saved = gb / (gb / "latest").read_text().strip() / "config.json"
+    assert json.loads(saved.read_text())["model_type"] == "qwen2_vl"
     n = len(data.read_records(synth_dir / "val.jsonl"))
     r = sample.main(["--init_from", str(tmp_path / "vpt"), "--eval", str(synth_dir / "val.jsonl"), "--vpt", "region",
                      "--max_new_tokens", "12", "--device", "cpu"])
