@@ -2565,26 +2565,55 @@ def test_vit_attention_runs_on_sdpa_fused_kernel():
 # issue 16: quick start
 
 
-def test_synth_ground_records_point_at_each_shape_and_list_them_in_palette_order():
-    """The grounding stage's records of a scene: "Where is the X?" per shape, answered by the region of its box, and
-    one list of every shape in palette order, each name followed by its region."""
+def test_quick_start_configs_chain_from_stage_one_and_compare_fairly():
+    """The quick start's configs: the VPT run and the baseline both continue from stage 1's output and train the same
+    steps on twin records (same images, questions and answers; the baseline without perception tokens)."""
+    names = ("synth_ground", "synth", "synth_baseline")
+    ground, vpt_run, base = (train.parse_config([f"config/{n}.py"]) for n in names)
+    assert vpt_run.init_from == base.init_from == ground.out_dir and ground.init_from == "scratch"
+    assert ground.use_vpt and vpt_run.use_vpt and not base.use_vpt
+    for key in ("batch_size", "grad_accum", "max_iters", "lr", "beta2", "warmup_frac", "min_lr_ratio", "weight_decay",
+                "max_pixels", "seed"):
+        assert getattr(vpt_run, key) == getattr(base, key), key
+    assert base.train_data == vpt_run.train_data.replace(".jsonl", "_baseline.jsonl")
+    assert base.val_data == vpt_run.val_data.replace(".jsonl", "_baseline.jsonl")
+
+
+def test_synth_ground_records_point_list_read_and_align():
+    """The grounding stage's records of a shapes scene: "Where is the X?" per shape, answered by the region of its
+    box; one list of every shape in palette order, each name followed by its region; one shape's digit read from its
+    quadrant's crop alone. Of a tiles scene: the count read from the DINOv2 view, with no control token."""
     for seed in range(20):
-        _, shapes, _ = synth.make_scene(random.Random(seed), "shapes")
-        records = synth.ground_records("a.png", shapes)
-        assert len(records) == len(shapes) + 1
+        rng = random.Random(seed)
+        _, shapes, _ = synth.make_scene(rng, "shapes")
+        records = synth.ground_records("a.png", shapes, 0, rng)
+        assert len(records) == len(shapes) + 2
         for s, r in zip(shapes, records):
             assert r["messages"][0]["content"] == f"<image>\nWhere is the {s['colour']} {s['shape']}?"
             (xs, ys), = vpt.parse_regions(r["messages"][1]["content"])
             assert vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) == (xs[0], ys[0], xs[1], ys[1])
-        listed = records[-1]["messages"][1]["content"]
-        assert records[-1]["messages"][0]["content"] == f"<image>\n{synth.LIST_QUESTION}"
-        names = [f"{s['colour']} {s['shape']} " for s in sorted(shapes, key=lambda s: list(synth.PALETTE).index(
-            s["colour"]))]
+        listed = records[-2]["messages"][1]["content"]
+        assert records[-2]["messages"][0]["content"] == f"<image>\n{synth.LIST_QUESTION}"
+        by_palette = sorted(shapes, key=lambda s: list(synth.PALETTE).index(s["colour"]))
+        names = [f"{s['colour']} {s['shape']} " for s in by_palette]
         at = [listed.index(name) for name in names]
         assert at == sorted(at), listed  # palette order
-        for name, s in zip(names, sorted(shapes, key=lambda s: list(synth.PALETTE).index(s["colour"]))):
+        for name, s in zip(names, by_palette):
             region = vpt.region_text(vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID))
             assert name + region in listed, (name, listed)  # the region right after its name
+        read = records[-1]
+        s, = [s for s in shapes if read["messages"][0]["content"] == f"<image>\nWhat number is on the {s['colour']} "
+              f"{s['shape']}?"]
+        crop = tuple(map(int, read["images"][0].split("_")[-1].split(",")))
+        x1, y1, x2, y2 = s["box"]
+        assert read["messages"][1]["content"] == s["digit"] and read["images"][0].startswith("a.png_")
+        assert crop[0] <= x1 and crop[1] <= y1 and x2 <= crop[2] and y2 <= crop[3], (crop, s["box"])
+        assert (crop[2] - crop[0], crop[3] - crop[1]) == (synth.CELL, synth.CELL)  # a quadrant, as the VPT crop
+    _, shapes, n = synth.make_scene(random.Random(0), "tiles")
+    align, = synth.ground_records("t.png", shapes, n, random.Random(0))
+    assert align["messages"][0]["content"] == f"<image><detection_image>\n{synth.TILES_QUESTION}"
+    assert align["messages"][1]["content"] == str(n) and align["detection_images"] == ["t.png"]
+    assert not any(t in align["messages"][1]["content"] for t in vpt.token_strings("dino", synth.GRID)[1])
 
 
 def test_synth_counting_squares_one_per_quadrant_inside_the_dino_view():

@@ -1,7 +1,7 @@
-# The quick start: a tiny Qwen2-VL-shaped model with VPT (and a tiny DINOv2), trained from scratch on the synthetic
-# look-closer set (python synth.py) on a CPU. The global view is 112x112 pixels (4x4 image tokens), so the
-# digits can only be read in a region crop, the checkered squares only in the DINOv2 view (224 px).
-init_from = "scratch"
+# Stage 2 of the quick start: the VPT recipe on the synthetic look-closer set (python synth.py), continuing from stage 1
+# (config/synth_ground.py) on a CPU. The global view is 112x112 pixels (4x4 image tokens), so the digits can only be
+# read in a region crop, the checkered squares only in the DINOv2 view (224 px).
+init_from = "out-synth-ground"  # stage 1, config/synth_ground.py: its model and tokenizer
 model_preset = "synth"
 dino_preset = "tiny"
 tokenizer = "data/synth/tokenizer.json"
@@ -14,9 +14,9 @@ train_data = "data/synth/train.jsonl"
 val_data = "data/synth/val.jsonl"
 out_dir = "out-synth"
 stage = "all"
-batch_size = 32
+batch_size = 16
 grad_accum = 1
-max_iters = 700
+max_iters = 600
 lr = 1e-3
 beta2 = 0.95  # nanoGPT's value for small models trained from scratch: steadier than 0.999
 warmup_frac = 0.05

@@ -1,6 +1,6 @@
-# The quick start's baseline: the same model, images, questions and answers as config/synth.py, without perception
-# tokens (a plain Qwen2-VL that sees only the 112x112 global view).
-init_from = "scratch"
+# The quick start's baseline: the same model, stage 1, steps, images, questions and answers as config/synth.py,
+# without perception tokens (a plain Qwen2-VL that sees only the 112x112 global view).
+init_from = "out-synth-ground"  # the same stage 1 as the VPT run
 model_preset = "synth"
 tokenizer = "data/synth/tokenizer.json"
 min_pixels = 3136
@@ -10,9 +10,9 @@ train_data = "data/synth/train_baseline.jsonl"
 val_data = "data/synth/val_baseline.jsonl"
 out_dir = "out-synth-baseline"
 stage = "all"
-batch_size = 32
+batch_size = 16
 grad_accum = 1
-max_iters = 700
+max_iters = 600
 lr = 1e-3
 beta2 = 0.95
 warmup_frac = 0.05

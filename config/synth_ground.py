@@ -1,9 +1,10 @@
-# A grounding stage before the quick start's VPT run, what pretraining gives the real Qwen2-VL before VPT fine-tunes
-# it: the model learns from scratch to point at the shape a question names ("Where is the green square?", and every
-# shape listed with its region) on scenes of its own (python synth.py), then config/synth.py continues from it with
-# --init_from=out-synth-ground. The VPT model is built here already (its DINOv2 and projector untouched: no record
-# re-encodes), so the next run loads it as it is. Pointing from scratch is a plateau: the validation loss stays above
-# 0.13 until about step 1,500-2,000 of 16, then falls to 0.02 or below by step 3,000 (two seeds).
+# Stage 1 of the quick start, what pretraining and the paper's alignment stage give the real Qwen2-VL before VPT
+# fine-tunes it, here from scratch on scenes of its own (python synth.py, ground.jsonl): "Where is the green square?"
+# answered by its region, every shape listed with its region, a digit read from a quadrant's crop given alone, and the
+# checkered squares counted from the DINOv2 view in the user turn with no control token (the alignment stage's form:
+# the projector's feature path learns to carry the view). config/synth.py and config/synth_baseline.py continue from
+# its out_dir. Pointing from scratch is a plateau: the validation loss stays near 0.2 until step 1,500-2,000 of 16,
+# then falls to 0.05 or below by step 3,000 (the default seed: 0.208 / 0.122 / 0.051 at steps 1,000 / 2,000 / 3,000).
 init_from = "scratch"
 model_preset = "synth"
 tokenizer = "data/synth/tokenizer.json"
@@ -24,7 +25,7 @@ beta2 = 0.95
 warmup_frac = 0.05
 min_lr_ratio = 0.1
 weight_decay = 0.1
-eval_interval = 500
+eval_interval = 1000
 eval_iters = 8
 log_interval = 50
 num_workers = 0
