@@ -2573,7 +2573,7 @@ def test_quick_start_configs_chain_from_stage_one_and_compare_fairly():
     assert vpt_run.init_from == base.init_from == ground.out_dir and ground.init_from == "scratch"
     assert ground.use_vpt and vpt_run.use_vpt and not base.use_vpt
     for key in ("batch_size", "grad_accum", "max_iters", "lr", "beta2", "warmup_frac", "min_lr_ratio", "weight_decay",
-                "max_pixels", "seed"):
+                "mask_prob", "seed"):
         assert getattr(vpt_run, key) == getattr(base, key), key
     assert base.train_data == vpt_run.train_data.replace(".jsonl", "_baseline.jsonl")
     assert base.val_data == vpt_run.val_data.replace(".jsonl", "_baseline.jsonl")

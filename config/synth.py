@@ -1,15 +1,8 @@
 # Stage 2 of the quick start: the VPT recipe on the synthetic look-closer set (python synth.py), continuing from stage 1
 # (config/synth_ground.py) on a CPU. The global view is 112x112 pixels (4x4 image tokens), so the digits can only be
 # read in a region crop, the checkered squares only in the DINOv2 view (224 px).
-init_from = "out-synth-ground"  # stage 1, config/synth_ground.py: its model and tokenizer
-model_preset = "synth"
-dino_preset = "tiny"
-tokenizer = "data/synth/tokenizer.json"
-min_pixels = 3136
-max_pixels = 12544  # 112 * 112
+init_from = "out-synth-ground"  # stage 1 (config/synth_ground.py): its model, tokenizer, image size and grid
 use_vpt = True
-grid = 2  # a region is a quadrant, 2x2 tokens of the 4x4-token global view (synth.GRID)
-region_margin = 0
 train_data = "data/synth/train.jsonl"
 val_data = "data/synth/val.jsonl"
 out_dir = "out-synth"

@@ -1,10 +1,6 @@
 # The quick start's baseline: the same model, stage 1, steps, images, questions and answers as config/synth.py,
 # without perception tokens (a plain Qwen2-VL that sees only the 112x112 global view).
-init_from = "out-synth-ground"  # the same stage 1 as the VPT run
-model_preset = "synth"
-tokenizer = "data/synth/tokenizer.json"
-min_pixels = 3136
-max_pixels = 12544  # 112 * 112
+init_from = "out-synth-ground"  # the same stage 1 as the VPT run: its ViT, LLM, tokenizer and image size
 use_vpt = False
 train_data = "data/synth/train_baseline.jsonl"
 val_data = "data/synth/val_baseline.jsonl"
