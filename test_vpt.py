@@ -1286,23 +1286,21 @@ def test_sample_cli_vpt_region_with_viz(vpt_dir, tmp_path, capsys):
 
 def test_demo_runs_offline_from_the_shipped_checkpoint(tmp_path, monkeypatch, capsys):
     """python sample.py with no arguments (the README's third command): the quick start's model shipped in
-    assets/synth answers the demo question about assets/demo.png, prints its region tokens and draws the region.
-    The region must be the quadrant of one of the scene's shapes and the answer that shape's digit: the sampler
-    cropped where the model pointed and the model read the crop (given the right crop it reads all 259 validation
-    digits). It is not held to the green square: as the README says, the shipped model points at the orange circle,
-    having not learned which of four shapes a question means."""
+    assets/synth answers the demo question about assets/demo.png right, prints its region tokens and draws the
+    region. The scene was drawn before the model was trained (synth.make_scene with a seed of its own), and the
+    truth comes from it: the region must be the asked shape's quadrant and stdout that shape's digit alone."""
     img, shapes, _ = synth.make_scene(random.Random(2033), "shapes")
-    assert any(f"{s['colour']} {s['shape']}" in sample.DEMO_QUESTION for s in shapes), "the question's shape"
+    asked, = [s for s in shapes if f"on the {s['colour']} {s['shape']}?" in sample.DEMO_QUESTION]
     shipped = np.asarray(Image.open(os.path.join(sample.ASSETS, "demo.png")).convert("RGB"))
     assert np.array_equal(np.asarray(img), shipped), "assets/demo.png is not the scene the demo question is about"
+    assert len(shapes) > 1, "the demo scene must make the model choose among shapes"
     monkeypatch.chdir(tmp_path)
     sample.main([])
     out, err = capsys.readouterr()
     (xs, ys), = vpt.parse_regions(err)  # one region group, printed on stderr as it was sampled
     x1, y1, x2, y2 = vpt.cells_to_box(xs, ys, synth.CANVAS, synth.CANVAS, synth.GRID, synth.MARGIN)
-    chosen, = [s for s in shapes if vpt.box_to_cells(s["box"], synth.CANVAS, synth.CANVAS, synth.GRID) ==
-               (xs[0], ys[0], xs[-1], ys[-1])]
-    assert out == chosen["digit"] + "\n", f"stdout must hold the answer alone: {out!r} ({chosen})"
+    assert vpt.box_to_cells(asked["box"], synth.CANVAS, synth.CANVAS, synth.GRID) == (xs[0], ys[0], xs[-1], ys[-1])
+    assert out == asked["digit"] + "\n", f"stdout must hold the asked shape's digit alone: {out!r} ({asked})"
     assert f"question: {sample.DEMO_QUESTION}" in err, "the question is shown on stderr"
     viz = np.asarray(Image.open(tmp_path / "demo_region.png").convert("RGB")).astype(int)
     s = viz.shape[1] // synth.CANVAS  # the drawing is the scene enlarged by a whole factor, text below it
