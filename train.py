@@ -287,10 +287,11 @@ def build(cfg):
                              sam=encoders.SamConfig(**encoders.SAM_PRESETS[cfg.sam_preset]))
         return vpt.VPT(qcfg, vcfg, tokens), tok, img_cfg
     path, d = M.open_checkpoint(src, vpt.WEIGHT_PATTERNS)
-    if d.get("model_type") == "qwen2_vl_vpt" and cfg.use_vpt:
-        return vpt.from_pretrained(path)
-    if d.get("model_type") == "qwen2_vl_vpt":  # a baseline continuing a VPT run (the quick start's stage 1): its ViT
-        # and LLM, without the re-encoding encoder and projector that a model without perception tokens never runs
+    if d.get("model_type") == "qwen2_vl_vpt":
+        if cfg.use_vpt:
+            return vpt.from_pretrained(path)
+        # a baseline continuing a VPT run (the quick start's stage 1): its ViT and LLM, without the re-encoding
+        # encoder and projector that a model without perception tokens never runs
         extra = tuple(f"{p}_" for p in vpt.PREFIX.values())  # detection_model., detection_projector., seg_...
         sd = {k: v for k, v in M.read_weights(path, allow_bin=True).items() if not k.startswith(extra)}
         model = M.build_loaded(lambda: M.Qwen2VL(M.QwenConfig.from_hf(d)), sd, torch.float32, "cpu")
