@@ -2065,6 +2065,27 @@ def max_param_diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_the_schedule_draws_each_epoch_once_and_walks_it_in_order(monkeypatch):
+    class Lengths:  # a dataset as micro_batches sees it: a length per sample
+        def __len__(self):
+            return 70
+
+        def length_estimate(self, i):
+            return 40 * (i % 5)
+
+    cfg = train.TrainConfig(batch_size=4, seed=3)
+    drawn = []
+    draw = train.micro_batches
+    monkeypatch.setattr(train, "micro_batches", lambda d, c, e: drawn.append(e) or draw(d, c, e))
+    schedule = train.Schedule(Lengths(), cfg, rank=0, world=1)
+    n = schedule.per_epoch
+    assert n == 18, n  # 70 samples in micro-batches of 4
+    walked = [schedule.global_batch(k) for k in range(3 * n)]
+    assert drawn == [0, 1, 2], drawn  # a step costs no re-draw: each epoch's order is drawn once
+    assert walked == [b for e in range(3) for b in draw(Lengths(), cfg, e)]
+    assert sorted(i for b in walked[:n] for i in b) == list(range(70))  # an epoch holds every sample once
+
+
 def test_every_split_of_the_global_batch_gives_the_same_step(vpt_dir, uneven_dir, tmp_path, capsys):
     f = uneven_dir / "two.jsonl"
     _, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))

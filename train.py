@@ -536,14 +536,15 @@ class Schedule:
     the step (resume is exact) and the global batch (2 processes x G equals 1 process x 2G)."""
 
     def __init__(self, dataset, cfg, rank, world):
-        self.dataset, self.cfg, self.rank, self.world, self.epochs = dataset, cfg, rank, world, {}
+        self.dataset, self.cfg, self.rank, self.world = dataset, cfg, rank, world
+        self.epochs = {0: micro_batches(dataset, cfg, 0)}  # the one epoch in use, drawn once
+        self.per_epoch = len(self.epochs[0])  # micro-batches per epoch: every epoch has as many
 
     def global_batch(self, k):
-        n = len(self.epochs.setdefault(0, micro_batches(self.dataset, self.cfg, 0)))
-        e = k // n
+        e, i = divmod(k, self.per_epoch)
         if e not in self.epochs:
             self.epochs = {e: micro_batches(self.dataset, self.cfg, e)}
-        return self.epochs[e][k % n]
+        return self.epochs[e][i]
 
     def step(self, it):
         per_step = self.world * self.cfg.grad_accum
