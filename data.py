@@ -440,13 +440,19 @@ def read_records(path):
     requires (data/converter.py; it drops a record that does not)."""
     with open(path) as f:
         text = f.read()
-    try:
-        if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):
+        try:
             records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON / JSON lines: {e}") from None
+        except json.JSONDecodeError as e:  # its line and column are the file's
+            raise UserError(f"{path}: not valid JSON: {e}") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                if line.strip():
+                    records.append(json.loads(line))
+            except json.JSONDecodeError as e:  # parsed alone, a line's error says "line 1": name the file's line
+                raise UserError(f"{path}: line {n}: not valid JSON: {e.msg} (column {e.colno})") from None
     for i, r in enumerate(records):
         where = f"{path}: record {i}"
         msgs = r.get("messages") if isinstance(r, dict) else None

@@ -1242,6 +1242,9 @@ def test_bad_config_and_bad_record_errors(vpt_dir, tmp_path):
     bad.write_text("\n".join(good[:2] + ['{"messages": [{"role": "user", "content": "<image> hi"}], "images": []}']))
     with pytest.raises(ValueError, match="bad.jsonl: record 2"):
         data.read_records(bad)
+    bad.write_text("\n".join(good[:2] + ["", good[0][:14]]))  # a cut-off 4th line, after an empty 3rd
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 4: not valid JSON: .* \(column 15\)"):
+        data.read_records(bad)
     missing = tmp_path / "missing.jsonl"
     missing.write_text(good[0].replace('"a.png"', '"nope.png"'))
     _, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
