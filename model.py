@@ -667,6 +667,8 @@ def resolve_dir(path_or_id, patterns=HUB_PATTERNS):
     manifest), or a Hub repo id downloaded (config, weights, tokenizer files only)."""
     if os.path.isdir(path_or_id):
         return checkpoint_dir(path_or_id)
+    if os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or path_or_id.count("/") > 1:
+        raise UserError(f"{path_or_id}: no such directory (a path, so not a Hugging Face Hub repo id)")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path_or_id, allow_patterns=patterns)
@@ -718,6 +720,8 @@ def read_json(file) -> dict:
 def open_checkpoint(path_or_id, patterns=HUB_PATTERNS) -> tuple[str, dict]:
     """The start of every load: the checkpoint's local directory (a Hub id is downloaded first) and its config.json."""
     path = resolve_dir(path_or_id, patterns)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path} is not a checkpoint directory: it has no config.json")
     return path, read_json(os.path.join(path, "config.json"))
 
 

@@ -369,10 +369,15 @@ def test_strict_loading_names_the_bad_key(tmp_path, untied_dir):
             M.from_pretrained(str(d))
 
 
-def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
+def test_unreachable_hub_id_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="not a local directory"):
         M.from_pretrained("nobody/no-such-model-here")
+    # a path is never sent to the Hub, and a directory without config.json is named as such
+    with pytest.raises(M.UserError, match=f"{tmp_path / 'nope'}: no such directory"):
+        M.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(M.UserError, match=f"{tmp_path} is not a checkpoint directory: it has no config.json"):
+        vpt.from_pretrained(str(tmp_path))
 
 
 # config.json of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct as the Hub ships them (flat, pre-v5 layout);
