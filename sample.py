@@ -35,7 +35,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEMO_QUESTION = "What number is on the green square?"
 # the defaults: the quick start's model, trained by config/synth.py and shipped in bfloat16 (~6 MB), and its scene
 DEMO_MODEL, DEMO_IMAGE, DEMO_VIZ = os.path.join(ASSETS, "synth"), os.path.join(ASSETS, "demo.png"), "demo_region.png"
-VIZ_SIDE = 448  # the drawing's long side at least, in whole multiples of the image (NEAREST keeps its pixels sharp)
+VIZ_SIDE = 896  # the drawing's long side at least, in whole multiples of the image (NEAREST keeps its pixels sharp)
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,25 +52,26 @@ def parse_args(argv=None):
                    help="image path; repeat for several images (default: the demo image)")
     p.add_argument("--prompt", default=None,
                    help=f"the question (default: {DEMO_QUESTION!r} for the demo image, else 'Describe this image.')")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="the most tokens an answer may have (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens; 0 = no filter")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling in [0, 1]; 0 = the best token alone")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=1337, help="for sampling (default: 1337)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only)")
-    p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer")
+    p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only): off, free (the model chooses), or a forced region or re-encode round (default: free)")
+    p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer (default: 1)")
     p.add_argument("--max_regions", type=int, default=1,
-                   help="region groups one round may hold; their crops are appended together as 'Region i: <image>'")
+                   help="region groups one round may hold; their crops are appended together as 'Region i: <image>' (default: 1)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (a CUDA graph on cuda); the first answer pays the compile")
     p.add_argument("--save_viz", default=None, help="write the image enlarged, with the selected regions boxed in "
                    f"red and the question and answer under it (default: {DEMO_VIZ} for the demo image)")
     p.add_argument("--eval", default=None, help="a records file (.jsonl or a JSON list): answer each record's first "
                    "question and score it (exact match, VQA-normalised match, ANLS, perception use, region IoU/IoGT)")
-    p.add_argument("--batch_size", type=int, default=1, help="--eval: records answered together")
+    p.add_argument("--batch_size", type=int, default=1, help="--eval: records answered together (default: 1)")
     p.add_argument("--out", default=None, help="--eval: one JSON line per record (answer, truth, rounds, scores)")
     p.add_argument("--image_root", default=None,
                    help="--eval: the folder the records' image paths are relative to (default: the records file's)")
@@ -121,13 +122,13 @@ class Streamer:
     """Prints the decoded text as it grows. Decodes the whole answer each time and prints the new suffix, holding
     back a trailing partial UTF-8 character (byte-level BPE can split one across tokens) and, while the text could
     still be it, the authors' "Now answer the question." line that a VPT answer starts with after its perception
-    round (data.ANSWER_PREFIX), which is dropped: stdout gets the answer alone."""
+    round (data.ANSWER_PREFIX), which is dropped, as are special tokens: stdout gets the answer alone."""
 
     def __init__(self, tok):
         self.tok, self.ids, self.printed = tok, [], 0
 
     def text(self):
-        return self.tok.decode(self.ids).removeprefix(data.ANSWER_PREFIX)
+        return self.tok.decode(self.ids, skip_special_tokens=True).removeprefix(data.ANSWER_PREFIX)
 
     def put(self, token_id):
         self.ids.append(token_id)
@@ -180,9 +181,10 @@ def answer_vpt(args, path, dtype, gen):
                         args.top_k, args.top_p, gen, args.max_regions, args.compile)
     print(f"question: {args.prompt}", file=sys.stderr)
     streamer, perception = Streamer(tok), model.tokens.perception()
-    ends = (model.tokens.region_end, model.tokens.act_end)
+    # the engine feeds <|*_action|><|*_action_end|> itself: <|*_action_start|> is the last sampled token of a round
+    ends = (model.tokens.region_end, model.tokens.act_start)
 
-    def on_token(_, t):  # perception tokens go to stderr as they come, a group's closing token ends its line
+    def on_token(_, t):  # perception tokens go to stderr as they come, a round's last sampled token ends its line
         if t in perception:
             print(tok.decode([t]), end="\n" if t in ends else "", file=sys.stderr, flush=True)
         elif t not in tok.stop_ids:
@@ -198,18 +200,20 @@ def answer_vpt(args, path, dtype, gen):
         else:
             print(f"re-encode: {model.vcfg.encoder} features conditioned on the control vector", file=sys.stderr)
     if args.save_viz:
-        draw_answer(res.original, [r.box for r in res.rounds if r.box], args.prompt, res.text).save(args.save_viz)
+        looked = [f"re-encoded with {model.vcfg.encoder}" for r in res.rounds if r.kind == "reencode"]
+        draw_answer(res.original, [r.box for r in res.rounds if r.box], [f"Q: {args.prompt}", f"A: {res.text}",
+                                                                          *looked]).save(args.save_viz)
         print(f"wrote {args.save_viz}", file=sys.stderr)
     return res
 
 
-def draw_answer(image, boxes, question, answer):
+def draw_answer(image, boxes, lines):
     """The image enlarged by a whole factor to a long side of VIZ_SIDE or more, each box (x1, y1, x2, y2 in the
-    original's pixels, x2/y2 exclusive) outlined in red, and the question and answer in a band under it."""
+    original's pixels, x2/y2 exclusive) outlined in red, and the lines of text (question, answer, what was
+    re-encoded) in a band under it."""
     scale = max(1, -(-VIZ_SIDE // max(image.size)))  # ceil
     big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
     font = ImageFont.load_default(size=VIZ_SIDE // 24)  # Pillow's bundled font: no system font needed
-    lines = [f"Q: {question}", f"A: {answer}"]
     line_h = font.getbbox("Ag")[3] + 6
     out = Image.new("RGB", (big.width, big.height + line_h * len(lines) + 8), "white")
     out.paste(big)

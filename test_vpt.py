@@ -1325,6 +1325,19 @@ def test_demo_model_and_image_are_the_defaults(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "question: What number is on the red circle?" in err and out.strip().isdigit(), (out, err)
     assert (tmp_path / "x.png").exists() and not (tmp_path / "demo_region.png").exists()
+    # a re-encoding round: its token ends its stderr line, and the answer alone reaches stdout
+    sample.main(["--prompt", "How many checkered squares are there?", "--vpt", "reencode", "--save_viz", "y.png"])
+    out, err = capsys.readouterr()
+    assert "<|detection_action_start|>\n" in err and "re-encode: dino features" in err and out.strip().isdigit()
+
+
+def test_streamer_prints_the_answer_without_special_tokens(vpt_dir, capsys):
+    tok = Tokenizer(vpt_dir)
+    streamer = sample.Streamer(tok)
+    for t in [tok.token_to_id("<|im_start|>")] + tok.encode("A boat.") + [tok.vision_start_id]:
+        streamer.put(t)
+    streamer.close()
+    assert capsys.readouterr().out == tok.decode(tok.encode("A boat.")) + "\n"
 
 
 # -----------------------------------------------------------------------------
