@@ -147,8 +147,8 @@ def bench_vpt(answer_tokens=32, repeats=3):
           f"{answer_tokens} answer tokens, CPU, best of {repeats}")
     print(f"region answer, continuous cache: {best['region']:.3f} s; re-prefill for round two: {best['theirs']:.3f} s;"
           f" ratio {best['region'] / best['theirs']:.2f}x; same answer tokens: {same}")
-    print(f"against a plain answer of the same {L} tokens ({best['off']:.3f} s): region {best['region'] / best['off']:.2f}x"
-          f", re-encode {best['reencode'] / best['off']:.2f}x the time")
+    print(f"against a plain answer of the same {L} tokens ({best['off']:.3f} s): "
+          f"region {best['region'] / best['off']:.2f}x, re-encode {best['reencode'] / best['off']:.2f}x the time")
     bench_batch(model, tok, img_cfg)
     bench_sam_share(image, q, answer_tokens)
 

@@ -61,10 +61,12 @@ def parse_args(argv=None):
                    help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only): off, free (the model chooses), or a forced region or re-encode round (default: free)")
+    p.add_argument("--vpt", default="free", choices=vpt.MODES, help="perception tokens (VPT checkpoints only): off, "
+                   "free (the model chooses), or a forced region or re-encode round (default: free)")
     p.add_argument("--max_rounds", type=int, default=1, help="perception rounds allowed per answer (default: 1)")
     p.add_argument("--max_regions", type=int, default=1,
-                   help="region groups one round may hold; their crops are appended together as 'Region i: <image>' (default: 1)")
+                   help="region groups one round may hold; their crops are appended together as 'Region i: <image>' "
+                   "(default: 1)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (a CUDA graph on cuda); the first answer pays the compile")
     p.add_argument("--save_viz", default=None, help="write the image enlarged, with the selected regions boxed in "
