@@ -671,10 +671,12 @@ def generate(model, input_ids, padding_mask=None, pixel_values=None, image_grid_
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield nxt
+        if step + 1 == max_new_tokens:  # no forward whose logits nobody would sample
+            return
         if stop.numel():
             done |= torch.isin(nxt, stop)
-        if step + 1 == max_new_tokens or (stop.numel() and done.all()):  # no forward whose logits nobody samples
-            return
+            if done.all():
+                return
         if padded:  # a left-padded batch hides its padding from the new token; otherwise plain causal, no mask
             padding_mask = torch.cat([padding_mask, torch.ones_like(padding_mask[:, :1])], dim=1)
             mask = causal_mask(padding_mask, 1, start=cache.pos)
