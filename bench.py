@@ -167,14 +167,15 @@ def bench_batch(model, tok, img_cfg, n_requests=16, answer_tokens=16, sizes=(1, 
 
         def timed(*args, kind=kind, step=step):
             t0 = time.perf_counter()
-            step(*args)
+            out = step(*args)
             spent[kind] += time.perf_counter() - t0
+            return out
         setattr(engine, kind, timed)
     rate, answers, share = {}, {}, {}
     with torch.no_grad():
         engine.answer(reqs[:2])  # warm-up
         for bs in sizes:
-            spent.update(prefill=0.0, decode=0.0)
+            spent.update(dict.fromkeys(spent, 0.0))
             t0 = time.perf_counter()
             answers[bs] = [r.ids for i in range(0, n_requests, bs) for r in engine.answer(reqs[i:i + bs])]
             total = time.perf_counter() - t0
