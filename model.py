@@ -375,13 +375,9 @@ class KVCache:
         end = self.pos + T
         assert end <= self.k.size(3), f"KV cache full: {self.pos}+{T} > {self.k.size(3)}"
         ks, vs = self.k[layer], self.v[layer]  # (B, nkv, max_len, hs)
-        if len(self.runs) == 1:  # every row at one length (a decode step's usual case): one copy, fewest ops
-            ks.narrow(2, self.pos, T).copy_(k)
-            vs.narrow(2, self.pos, T).copy_(v)
-        else:
-            for (b0, b1), start in self.runs:  # rows [b0, b1) that start at the same slot: one copy each
-                ks[b0:b1, :, start:start + T] = k[b0:b1]
-                vs[b0:b1, :, start:start + T] = v[b0:b1]
+        for (b0, b1), start in self.runs:  # rows [b0, b1) that start at the same slot: one copy each
+            ks[b0:b1].narrow(2, start, T).copy_(k[b0:b1])
+            vs[b0:b1].narrow(2, start, T).copy_(v[b0:b1])
         return ks.narrow(2, 0, end), vs.narrow(2, 0, end)
 
     def advance(self, n):
