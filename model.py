@@ -179,7 +179,7 @@ def inv_freq(dim, theta, device):
 def mrope_selector(head_dim, theta, section, device):
     """(3, 1, 1, hs) float32: the inverse frequency of each of a head's dimensions on the position axis (t, h or w)
     whose section it lies in, 0 on the other two axes, twice over (the two halves that rotate together)."""
-    f = inv_freq(head_dim, theta, device)  # (hs/2,)
+    f = inv_freq.__wrapped__(head_dim, theta, device)  # (hs/2,) uncached: this table is cached itself
     axis = torch.cat([torch.full((n,), i % 3, device=device) for i, n in enumerate(section)])  # (hs/2,)
     sel = torch.stack([torch.where(axis == a, f, 0.0) for a in range(3)])  # (3, hs/2)
     return torch.cat((sel, sel), dim=-1)[:, None, None]  # (3, 1, 1, hs)
@@ -190,7 +190,9 @@ def mrope_cos_sin(position_ids, head_dim, theta, section):
     position axes. Returns cos_sin's tables (B, 1, T, hs) in float32."""
     # each angle is one axis' position times its frequency plus exact zeros from the other two: the same floats as
     # picking the axis per chunk, in three ops instead of a split, a gather and two concatenations
-    sel = mrope_selector(head_dim, theta, tuple(section), position_ids.device)
+    # a compiled step traces the table's few ops into its graph (once per compile), where the cache has no use
+    table = mrope_selector.__wrapped__ if torch.compiler.is_compiling() else mrope_selector
+    sel = table(head_dim, theta, tuple(section), position_ids.device)
     return cos_sin((position_ids[..., None].float() * sel).sum(0)[:, None])  # 2 x (B, 1, T, hs)
 
 
@@ -334,7 +336,7 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, k, v (n_layer, B, nkv, max_len, hs), and how many slots of each
+    """Preallocated keys and values of every layer, k[i], v[i] (B, nkv, max_len, hs), and how many slots of each
     row are filled. A forward of T new tokens writes row b's at slots lengths[b] .. lengths[b] + T - 1, and the
     caller then advances each row by the tokens that were real: rows of different lengths share one cache (the
     batched sampler's rows, each at its own round; a chunk shorter than T is right-padded, and the padding is
@@ -344,67 +346,61 @@ class KVCache:
     otherwise update returns slots [0, pos + T), with pos the longest row."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, static=False):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.static = static
+        # one tensor per layer: a compiled step that wrote into a view of one tensor of all layers copied all of it
+        # around each write (12 copies of the 2B cache per step)
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.max_len, self.static = max_len, static
+        if static:  # a CUDA graph may write these in place only at a fixed address (transformers' StaticCache too)
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
         self.lengths = [0] * batch_size  # host copy: no device sync to size a slice or a mask
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) the same, for indexing
         self.pos = 0  # the longest row
-        self.runs = runs(self.lengths)
+        self.uniform = True  # every row as long: one slice of the cache is where the new tokens go
         self.parent = None  # (cache, row) for a row's view
 
     def row(self, b):
         """Row b alone, on this cache's storage: what a forward writes lands here, and advancing the view advances
         row b here (a long chunk of one row runs without padding every other row to its length)."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, b:b + 1], self.v[:, b:b + 1]  # (n_layer, 1, nkv, max_len, hs) views
+        view.k, view.v = [k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v]  # (1, nkv, max_len, hs) views
         view.lengths, view.lens, view.pos = [self.lengths[b]], self.lens[b:b + 1], self.lengths[b]
-        view.runs, view.parent = runs(view.lengths), (self, b)
+        view.uniform, view.parent = True, (self, b)
         return view
 
     def update(self, layer, k, v):
         """k, v (B, nkv, T, hs) of the new tokens -> this layer's keys and values so far (B, nkv, S, hs)."""
         T = k.size(2)
-        if self.static:
+        if not self.static:  # (a compiled step must not read pos: dynamo would recompile for each value)
+            assert self.pos + T <= self.max_len, f"KV cache full: {self.pos}+{T} > {self.max_len}"
+        ks, vs = self.k[layer], self.v[layer]  # (B, nkv, max_len, hs)
+        if self.static or not self.uniform:  # rows at different slots: one scatter for all (a copy per run of
+            # equal rows was 2 x 28 small copies per run and step at the 2B depth, the batched sampler's overhead)
             slots = self.lens[:, None] + torch.arange(T, device=k.device)  # (B, T) where each row's tokens go
             slots = slots[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
-            self.k[layer].scatter_(2, slots, k)
-            self.v[layer].scatter_(2, slots, v)
-            return self.k[layer], self.v[layer]
-        end = self.pos + T
-        assert end <= self.k.size(3), f"KV cache full: {self.pos}+{T} > {self.k.size(3)}"
-        ks, vs = self.k[layer], self.v[layer]  # (B, nkv, max_len, hs)
-        for (b0, b1), start in self.runs:  # rows [b0, b1) that start at the same slot: one copy each
-            ks[b0:b1].narrow(2, start, T).copy_(k[b0:b1])
-            vs[b0:b1].narrow(2, start, T).copy_(v[b0:b1])
-        return ks.narrow(2, 0, end), vs.narrow(2, 0, end)
+            ks.scatter_(2, slots, k)
+            vs.scatter_(2, slots, v)
+        else:
+            ks.narrow(2, self.pos, T).copy_(k)
+            vs.narrow(2, self.pos, T).copy_(v)
+        return (ks, vs) if self.static else (ks.narrow(2, 0, self.pos + T), vs.narrow(2, 0, self.pos + T))
 
     def advance(self, n):
         """Marks n more slots of every row filled (an int), or n[b] of row b (a list)."""
         n = [n] * len(self.lengths) if isinstance(n, int) else n
         self.lengths = [a + b for a, b in zip(self.lengths, n)]
-        assert max(self.lengths) <= self.k.size(3), f"KV cache full: {max(self.lengths)} > {self.k.size(3)}"
-        self.lens = torch.tensor(self.lengths, device=self.k.device)
+        assert max(self.lengths) <= self.max_len, f"KV cache full: {max(self.lengths)} > {self.max_len}"
+        self.lens = torch.tensor(self.lengths, device=self.lens.device)
         self.pos = max(self.lengths)
-        self.runs = runs(self.lengths)
+        self.uniform = len(set(self.lengths)) == 1
         if self.parent:
             cache, b = self.parent
             cache.advance([n[0] if i == b else 0 for i in range(len(cache.lengths))])
 
     def layer(self, i):
         return LayerCache(self, i)
-
-
-def runs(lengths):
-    """[((b, b'), length)]: maximal runs of consecutive rows of equal length (one run when all are equal)."""
-    out = []
-    for b, n in enumerate(lengths):
-        if out and out[-1][1] == n:
-            out[-1] = ((out[-1][0][0], b + 1), n)
-        else:
-            out.append(((b, b + 1), n))
-    return out
 
 
 class LayerCache(NamedTuple):
@@ -436,10 +432,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, nkv, S, hs)
-        if T == 1 and self.nkv != self.nh:
-            # one query per head: the heads sharing a key/value head become that head's queries, so SDPA reads each
-            # key and value once (one CPU thread, 2B's 12 heads on 2 at 1,300 keys: 213 us against enable_gqa's 512)
-            y = F.scaled_dot_product_attention(q.view(B, self.nkv, -1, self.hs), k, v, attn_mask=mask)
+        if T == 1:
+            # one query per head: the heads sharing a key/value head become that head's queries, so each key and
+            # value is read once (one CPU thread, 2B's 12 heads on 2 at 1,300 keys: 213 us against enable_gqa's 512)
+            q = q.view(B, self.nkv, -1, self.hs)  # (B, nkv, nh/nkv, hs)
+            if torch.compiler.is_compiling():
+                # a compiled decode step: scores, softmax and sum written out, for inductor to fuse; SDPA's fused
+                # kernels tile long queries (on an H200 cuDNN's took 42 us of a 2B layer's ~100)
+                s = (q @ k.transpose(-1, -2)).float() * self.hs ** -0.5  # (B, nkv, nh/nkv, S)
+                s = s if mask is None else s.masked_fill(~mask, float("-inf"))
+                y = s.softmax(-1).to(v.dtype) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             y = y.view(B, self.nh, 1, self.hs)  # (B, nh, 1, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

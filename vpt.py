@@ -769,7 +769,11 @@ class Engine:
         pos = torch.tensor([r.next_pos for r in rows], device=self.dev)[None, :, None].expand(3, -1, -1)  # (3, B, 1)
         for r, ok in zip(rows, fed):
             r.next_pos += ok
-        logits, last = self.decode_step(ids, pos, self.mask(cache, 1, False), cache)
+        if self.compiled:  # a CUDA graph's outputs live in its own memory, rewritten by the next replay: copied out
+            torch.compiler.cudagraph_mark_step_begin()
+            logits, last = (t.clone() for t in self.decode_step(ids, pos, self.mask(cache, 1, False), cache))
+        else:
+            logits, last = self.decode_step(ids, pos, self.mask(cache, 1, False), cache)
         self.finish_step(rows, chunks, cache, last, logits)
 
     def decode_one_token(self, ids, pos, mask, cache):
@@ -781,9 +785,9 @@ class Engine:
     def mask(self, cache, T, padded=True):
         """(B, 1, T, S) bool: the query at slot lengths[b] + i of row b sees that row's slots up to itself. None
         (plain causal, which SDPA runs without a mask tensor) when every row is as long and no chunk is padded."""
-        if not cache.static and not padded and len(cache.runs) == 1:
+        if not cache.static and not padded and cache.uniform:
             return None
-        S = cache.k.size(3) if cache.static else cache.pos + T
+        S = cache.max_len if cache.static else cache.pos + T
         q = cache.lens[:, None] + torch.arange(T, device=self.dev)  # (B, T)
         return (torch.arange(S, device=self.dev)[None, None, :] <= q[:, :, None])[:, None]
 
