@@ -10,6 +10,9 @@ Benchmarks, each reported as a ratio against a baseline measured in the same run
                                                   reduced depth: tokens/s and MFU vs transformers, and the VPT path
     python bench.py infer                         prefill and decode against transformers: 2B widths at reduced
                                                   depth and the tiny preset, fp32, CPU time on one thread
+    python bench.py gpu                           on a GPU, the 2B shape in bf16: batch-1 decode against
+                                                  transformers and the memory-bandwidth roofline (eager and
+                                                  compiled), the batch sweep, and training tokens/s and MFU
 Needs requirements-test.txt (transformers is the baseline, never a runtime dependency).
 """
 import argparse
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -213,6 +217,7 @@ def bench_sam_share(image, q, answer_tokens):
 
 TRAIN_DEPTH = 2  # LLM layers and ViT / DINOv2 blocks of the training benchmark: the 2B widths on a CPU's budget
 TRAIN_ANSWER = 150  # supervised tokens of its sample
+TRAIN_STEPS = 3  # timed steps of each side in bench.py gpu
 
 
 def train_records(d):
@@ -254,7 +259,8 @@ def trainer(model, forward):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, loss.item()
+        loss = loss.item()  # on a GPU this waits for the whole step: the copy is queued after the optimizer's kernels
+        return time.perf_counter() - t0, loss
     return step
 
 
@@ -377,6 +383,28 @@ def infer_inputs(cfg):
     return torch.tensor([ids]), pv, grid
 
 
+class Stamps:
+    """A transformers streamer: generate calls put with the prompt, then with each new token; each new token is
+    appended to stamps as (clock(), id) (int() waits for a GPU to produce it)."""
+
+    def __init__(self, stamps, clock):
+        self.stamps, self.clock, self.prompt = stamps, clock, True
+
+    def put(self, t):
+        if not self.prompt:
+            self.stamps.append((self.clock(), int(t)))
+        self.prompt = False
+
+    def end(self):
+        pass
+
+
+def hf_decode(m, kw, n, stamps, clock):
+    """A greedy generate of exactly n new tokens by transformers' model m on inputs kw, stamped into stamps."""
+    m.generate(**kw, do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
+               streamer=Stamps(stamps, clock))
+
+
 def infer_once(impl, path):
     """Runs in a fresh process: the best prefill time, ViT time and decode tokens/s of one implementation, in fp32.
     Prefill is the prompt's forward up to the first sampled token; decode speed is measured from the first token
@@ -411,21 +439,8 @@ def infer_once(impl, path):
         def prefill():
             m(**kw, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
 
-        class Stamps:  # a streamer: generate calls put with the prompt, then with each new token
-            def __init__(self, stamps):
-                self.stamps, self.prompt = stamps, True
-
-            def put(self, t):
-                if not self.prompt:
-                    self.stamps.append((time.process_time(), int(t)))
-                self.prompt = False
-
-            def end(self):
-                pass
-
         def decode(stamps):
-            m.generate(**kw, do_sample=False, max_new_tokens=INFER_NEW_TOKENS, eos_token_id=None, pad_token_id=0,
-                       streamer=Stamps(stamps))
+            hf_decode(m, kw, INFER_NEW_TOKENS, stamps, time.process_time)
 
     def timed(f):
         t0 = time.process_time()
@@ -476,6 +491,225 @@ def bench_infer():
         print("| " + " | ".join(r) + " |")
 
 
+# -----------------------------------------------------------------------------
+# python bench.py gpu: the GPU goals of the speed issues at the real 2B shape in bf16, in one run of a few minutes
+
+def mean_time(f, repeats, device):
+    """Mean seconds of `repeats` calls of f after one warm-up call, the device synchronised before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    f()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        f()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def ceilings(device):
+    """(bytes/s, FLOP/s) this device reaches: a 4 GiB device-to-device copy (bytes read + written) and a bf16 matmul
+    of 8192^3 (a CPU gets 64 MiB and 1024^3): the denominators of the decode roofline and of MFU at measured peak."""
+    big = device.type == "cuda"
+    x = torch.empty(2**31 if big else 2**25, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    bandwidth = 2 * x.nbytes / mean_time(lambda: y.copy_(x), 10, device)
+    del x, y
+    n = 8192 if big else 1024
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+    return bandwidth, 2 * n ** 3 / mean_time(lambda: a @ b, 10, device)
+
+
+def decode_bytes(model, length):
+    """Bytes a batch-1 decode step must read: the decoder layers' and final norm's weights, the lm_head matrix (the
+    embedding table is read one row at a time) and the keys and values of `length` cached tokens."""
+    c = model.cfg
+    weights = sum(p.nbytes for p in [*model.model.layers.parameters(), model.model.norm.weight, model.lm_head.weight])
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * length * model.lm_head.weight.element_size()
+    return weights + kv
+
+
+def rate(stamps):
+    """tokens/s from [(time, id)] of a generation, first token to last (the first comes with the prefill)."""
+    return (len(stamps) - 1) / (stamps[-1][0] - stamps[0][0])
+
+
+def gpu_decode(cfg, vcfg, tok, tokens, device, new_tokens, bandwidth, runs=2):
+    """Batch-1 greedy decode of new_tokens tokens after a 448 px image and 32 text tokens, bf16: transformers'
+    generate, ours, the Engine eager and compiled (the best of `runs` after a warm-up each), the compiled decode
+    step alone (its CUDA graph replayed), against the copy-bandwidth roofline; each row printed as it is measured.
+    Then the Engine's batch sweep."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    dtype, clock = torch.bfloat16, time.perf_counter
+    ids, pv, grid = (t.to(device) for t in infer_inputs(cfg))
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = M.Qwen2VL(cfg).to(dtype).eval()
+        hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf())).to(dtype).eval()
+    to_transformers(ours, hf)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
+              mm_token_type_ids=(ids == cfg.image_token_id).int())
+    need = decode_bytes(ours, ids.size(1) + new_tokens // 2)  # at the answer's mean cache length
+    roof = bandwidth / need
+    print(f"\ndecode at batch 1, {cfg.num_hidden_layers} LLM layers x {cfg.hidden_size} wide, bf16, "
+          f"{ids.size(1)}-token prompt (448 px image), {new_tokens} new tokens, best of {runs} after a warm-up. "
+          f"Roofline: {need / 1e9:.2f} GB a token at {bandwidth / 1e12:.2f} TB/s = {roof:.0f} tokens/s")
+    print("| path | tokens/s | vs transformers | of the roofline |\n|---|---|---|---|")
+    base = []
+
+    def row(name, r):
+        base.append(r)
+        print(f"| {name} | {r:.1f} | {r / base[0]:.2f}x | {r / roof:.0%} |", flush=True)
+
+    def best(decode):
+        out = []
+        for _ in range(runs + 1):
+            out.append([])
+            decode(out[-1])
+        return max(rate(s) for s in out[1:]), [t for _, t in out[-1]]
+
+    def ours_decode(stamps):
+        for t in M.generate(ours, ids, None, pv, grid, max_new_tokens=new_tokens):
+            stamps.append((clock(), int(t)))
+
+    def same(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    with torch.no_grad():
+        r, hf_ids = best(lambda s: hf_decode(hf, kw, new_tokens, s, clock))
+        row("transformers generate, eager", r)
+        r, our_ids = best(ours_decode)
+        row("nanoVPT model.generate, eager", r)
+    del ours, hf
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    with torch.device(device):
+        model = vpt.VPT(cfg, vcfg, tokens).to(dtype).eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
+    request = [vpt.Request(image, "What number is on the red triangle?")]
+    answers = []
+    for compiled in (False, True):
+        engine = fixed_length(model, tok, data.ImageConfig(), "off", new_tokens, compile=compiled)
+        seen, step = [], engine.decode_step
+        engine.decode_step = lambda *a: seen.append(a) or step(*a)  # the inputs of the last step, replayed below
+        t0 = clock()
+        r, got = best(lambda s: engine.answer(request, lambda i, t: s.append((clock(), t))))
+        answers.append(got)
+        row(f"nanoVPT Engine, {'compiled' if compiled else 'eager'}", r)
+    warm = clock() - t0  # the compiled engine's answers, the first of which compiles
+    ids_, pos, mask, cache = seen[-1]
+
+    def replay():
+        torch.compiler.cudagraph_mark_step_begin()
+        step(ids_, pos, mask, cache)
+    with torch.no_grad():  # as in the engine: grad mode is part of what the compiled step was specialised for
+        row("  its decode step alone (replayed)", 1 / mean_time(replay, 50, device))
+    print(f"greedy tokens, bf16: transformers and model.generate agree on the first {same(hf_ids, our_ids)} of "
+          f"{len(hf_ids)}, the eager and compiled engine on {same(*answers)} of {len(answers[0])}; the compiled "
+          f"engine's {runs + 1} answers took {warm:.0f} s with its compile")
+    bench_batch(model, tok, data.ImageConfig(), sizes=(1, 4, 16))
+
+
+def gpu_train(cfg, vcfg, batches, device, steps, matmul_rate):
+    """Training steps (forward, backward, fused AdamW) of the finetune stage, fp32 weights under bf16 autocast on
+    a GPU (train.py's setting), each decoder layer compiled (train.py --compile=True): nanoVPT's Qwen2-VL and
+    transformers' eager Qwen2VLForConditionalGeneration on the same plain batch, then nanoVPT's one-pass VPT step
+    on the batch with control turns. The mean of `steps` steps after two warm-ups (the first compiles); MFU counts
+    train.batch_flops."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    stage = train.parse_config(["--stage=finetune"])
+    plain = batches["plain"]
+    labels = torch.cat([torch.full_like(plain["targets"][:, :1], data.IGNORE_INDEX), plain["targets"][:, :-1]], 1)
+    hf_batch = dict(input_ids=plain["input_ids"], attention_mask=plain["padding_mask"],
+                    pixel_values=plain["pixel_values"], image_grid_thw=plain["image_grid_thw"],
+                    mm_token_type_ids=(plain["input_ids"] == cfg.image_token_id).int(), labels=labels)
+
+    def ours(build):
+        def make():
+            m = build()
+            train.set_trainable(m, stage)
+            for layer in m.model.layers:
+                layer.compile()
+            return m
+        return make
+
+    def hf():
+        m = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf()))
+        for n, p in m.named_parameters():
+            p.requires_grad = not n.startswith("model.visual.")
+        return m
+
+    def autocast(forward):
+        def run(m, b):
+            with ctx:
+                return forward(m, b)
+        return run
+
+    ours_loss = lambda m, b: m(b, b["targets"])[1]
+    sides = {"transformers Qwen2-VL, eager": (hf, lambda m, b: m(**b).loss, hf_batch, "plain"),
+             "nanoVPT Qwen2-VL, compiled": (ours(lambda: M.Qwen2VL(cfg)), ours_loss, plain, "plain"),
+             "nanoVPT VPT one-pass, compiled": (ours(lambda: vpt.VPT(cfg, vcfg, batches["tokens"])), ours_loss,
+                                                batches["vpt"], "vpt")}
+    print(f"\ntraining steps, {cfg.num_hidden_layers} LLM layers x {cfg.hidden_size} wide (vision encoders frozen), "
+          f"batch {plain['input_ids'].size(0)}, fp32 weights, bf16 autocast, fused AdamW; mean of {steps} steps "
+          f"after two warm-ups. MFU: batch_flops over {train.PEAK_FLOPS / 1e12:.0f} TFLOP/s (datasheet) and over "
+          f"{matmul_rate / 1e12:.0f} (this device's 8192^3 bf16 matmul)")
+    print("| side | tokens (supervised) | tokens/s | vs transformers | MFU | MFU at measured peak | peak memory | "
+          "first loss |\n|---|---|---|---|---|---|---|---|")
+    tps = {}
+    with torch.device("meta"):  # transformers' model does the same work as ours: counted on ours, without weights
+        ref = M.Qwen2VL(cfg)
+    train.set_trainable(ref, stage)
+    for name, (make, forward, batch, kind) in sides.items():
+        torch.manual_seed(0)
+        with torch.device(device):
+            m = make()
+        flops = train.batch_flops(m if kind == "vpt" else ref, batches[kind])
+        step = trainer(m, autocast(forward))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, losses = zip(*[step(batch) for _ in range(steps + 2)])
+        t = sum(times[2:]) / steps
+        b = batches[kind]
+        T, sup = int(b["padding_mask"].sum()), int((b["targets"] != data.IGNORE_INDEX).sum())
+        tps[name] = T / t
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "-"
+        print(f"| {name} | {T} ({sup}) | {tps[name]:,.0f} | {tps[name] / tps['transformers Qwen2-VL, eager']:.2f}x | {flops / t / train.PEAK_FLOPS:.1%} | "
+              f"{flops / t / matmul_rate:.1%} | {mem} | {losses[0]:.4f} |")
+        del m, step
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    print(f"nanoVPT Qwen2-VL / transformers tokens/s: "
+          f"{tps['nanoVPT Qwen2-VL, compiled'] / tps['transformers Qwen2-VL, eager']:.2f}x")
+
+
+def bench_gpu(preset, depth, new_tokens, batch_size, parts, device):
+    device = torch.device(device)
+    over = dict(num_hidden_layers=depth, vision=dict(depth=depth)) if depth else {}
+    with tempfile.TemporaryDirectory() as d:
+        tok, tokens, img_cfg = train_records(d)
+        batches = {"tokens": tokens}
+        for name, encoder in (("plain", None), ("vpt", "dino")):
+            ds = data.VPTDataset(f"{d}/{name}.jsonl", tok, img_cfg, encoder, tokens.pad, tokens.act)
+            b = data.collate([ds[0]] * batch_size, tok.endoftext_id, tok.image_pad_id, img_cfg.merge_size)
+            batches[name] = train.to_device(b, device)
+    base = M.PRESETS[preset]
+    cfg = M.QwenConfig(**{**base, **over, "vision": {**base.get("vision", {}), **over.get("vision", {})}},
+                       image_token_id=tok.image_pad_id, vision_start_token_id=tok.vision_start_id,
+                       vision_end_token_id=tok.vision_end_id, eos_token_id=tok.im_end_id)
+    if len(tok) > cfg.vocab_size:
+        raise SystemExit(f"--preset {preset}: its vocabulary ({cfg.vocab_size}) is smaller than the benchmark's "
+                         f"tokenizer ({len(tok)})")
+    vcfg = vpt.VPTConfig(encoder="dino", dino=encoders.DinoConfig(**({"num_hidden_layers": depth} if depth else {})))
+    bandwidth, matmul_rate = ceilings(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}: copy {bandwidth / 1e12:.2f} TB/s (read + written), bf16 matmul "
+          f"{matmul_rate / 1e12:.0f} TFLOP/s")
+    if "infer" in parts:
+        gpu_decode(cfg, vcfg, tok, tokens, device, new_tokens, bandwidth)
+    if "train" in parts:
+        gpu_train(cfg, vcfg, batches, device, TRAIN_STEPS, matmul_rate)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
@@ -485,6 +719,16 @@ def main(argv=None):
     tr = sub.add_parser("train", help="training step tokens/s and MFU against transformers, and the VPT path")
     tr.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up (default 3)")
     sub.add_parser("infer", help="prefill and decode against transformers")
+    gpu = sub.add_parser("gpu", help="the GPU goals: bf16 decode vs transformers and the roofline, the batch sweep, "
+                                     "training tokens/s and MFU")
+    gpu.add_argument("--preset", default="qwen2-vl-2b", choices=list(M.PRESETS), help="model shape (default 2B)")
+    gpu.add_argument("--depth", type=int, default=None,
+                     help="LLM layers, ViT and DINOv2 blocks (default: the preset's, DINOv2-L's 24)")
+    gpu.add_argument("--new_tokens", type=int, default=128, help="tokens each decode generates (default 128)")
+    gpu.add_argument("--batch_size", type=int, default=32, help="samples of a training step (default 32)")
+    gpu.add_argument("--parts", default="infer,train", help="comma-separated: infer, train (default both)")
+    gpu.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="default: cuda when available (cpu runs the same code, for a smoke test)")
     args = p.parse_args(argv)
     if args.bench == "load":
         bench_load(args.preset)
@@ -492,6 +736,8 @@ def main(argv=None):
         bench_train(args.steps)
     elif args.bench == "infer":
         bench_infer()
+    elif args.bench == "gpu":
+        bench_gpu(args.preset, args.depth, args.new_tokens, args.batch_size, args.parts.split(","), args.device)
     else:
         bench_vpt()
 
