@@ -373,19 +373,25 @@ class KVCache:
     def update(self, layer, k, v):
         """k, v (B, nkv, T, hs) of the new tokens -> this layer's keys and values so far (B, nkv, S, hs)."""
         T = k.size(2)
-        if not self.static:  # (a compiled step must not read pos: dynamo would recompile for each value)
+        if not torch.compiler.is_compiling():  # (a compiled step must not read pos: dynamo would recompile for each)
             assert self.pos + T <= self.max_len, f"KV cache full: {self.pos}+{T} > {self.max_len}"
         ks, vs = self.k[layer], self.v[layer]  # (B, nkv, max_len, hs)
         if self.static or not self.uniform:  # rows at different slots: one scatter for all (a copy per run of
             # equal rows was 2 x 28 small copies per run and step at the 2B depth, the batched sampler's overhead)
-            slots = self.lens[:, None] + torch.arange(T, device=k.device)  # (B, T) where each row's tokens go
-            slots = slots[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
-            ks.scatter_(2, slots, k)
-            vs.scatter_(2, slots, v)
+            slots = self.lens[:, None, None, None]  # (B, 1, 1, 1) the slot of each row's first new token
+            if T > 1:
+                slots = slots + torch.arange(T, device=k.device)[:, None]  # (B, 1, T, 1)
+            ks.scatter_(2, slots.expand_as(k), k)
+            vs.scatter_(2, slots.expand_as(v), v)
         else:
             ks.narrow(2, self.pos, T).copy_(k)
             vs.narrow(2, self.pos, T).copy_(v)
         return (ks, vs) if self.static else (ks.narrow(2, 0, self.pos + T), vs.narrow(2, 0, self.pos + T))
+
+    def reset(self):
+        """Empties every row; the old keys and values stay, hidden by the mask until they are overwritten."""
+        self.lengths, self.lens = [0] * len(self.lengths), torch.zeros_like(self.lens)
+        self.pos, self.uniform = 0, True
 
     def advance(self, n):
         """Marks n more slots of every row filled (an int), or n[b] of row b (a list)."""
@@ -437,9 +443,10 @@ class Attention(nn.Module):
             # value is read once (one CPU thread, 2B's 12 heads on 2 at 1,300 keys: 213 us against enable_gqa's 512)
             q = q.view(B, self.nkv, -1, self.hs)  # (B, nkv, nh/nkv, hs)
             if torch.compiler.is_compiling():
-                # a compiled decode step: scores, softmax and sum written out, for inductor to fuse; SDPA's fused
-                # kernels tile long queries (on an H200 cuDNN's took 42 us of a 2B layer's ~100)
-                s = (q @ k.transpose(-1, -2)).float() * self.hs ** -0.5  # (B, nkv, nh/nkv, S)
+                # a compiled decode step: scores, softmax and sum written out, for inductor to fuse. SDPA's fused
+                # kernels are built for blocks of many queries; given these few, cuDNN's took 42 us of a 2B layer's
+                # ~100 on an H200. Scores in fp32, as the fused kernels keep them
+                s = (q.float() @ k.float().transpose(-1, -2)) * self.hs ** -0.5  # (B, nkv, nh/nkv, S)
                 s = s if mask is None else s.masked_fill(~mask, float("-inf"))
                 y = s.softmax(-1).to(v.dtype) @ v
             else:

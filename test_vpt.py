@@ -1108,8 +1108,12 @@ def test_engine_compiled_decode_gives_the_same_tokens(vpt_dir):
     reqs = six_requests(vpt_dir)[:3]
     eager = vpt.Engine(model, tok, img_cfg, max_new_tokens=10).answer(reqs)
     torch._dynamo.reset()
-    compiled = vpt.Engine(model, tok, img_cfg, max_new_tokens=10, compile=True).answer(reqs)
+    engine = vpt.Engine(model, tok, img_cfg, max_new_tokens=10, compile=True)
+    compiled = engine.answer(reqs)
     assert [r.ids for r in compiled] == [r.ids for r in eager]
+    # the next batch of the same shape reuses the emptied cache (a CUDA graph is recorded at its addresses)
+    again = engine.answer(reqs[::-1])
+    assert [r.ids for r in again] == [r.ids for r in eager[::-1]] and len(engine.caches) == 1
 
 
 def test_free_sampling_never_emits_an_invalid_group(vpt_dir):

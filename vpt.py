@@ -520,7 +520,7 @@ class Engine:
         self.T, self.stop = model.tokens, tok.stop_ids
         self.dev, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.rule_index, self.rules = self.rule_masks()
-        self.compiled = compile
+        self.compiled, self.caches = compile, {}
         # on CUDA, "reduce-overhead" replays the captured step as a CUDA graph (gpt-fast's decode_one_token)
         self.decode_step = torch.compile(self.decode_one_token, fullgraph=True, mode="reduce-overhead"
                                          if self.dev.type == "cuda" else None) if compile else self.decode_one_token
@@ -604,12 +604,24 @@ class Engine:
         # a compiled step has one shape per cache length: powers of two keep the count of recompilations small
         return 1 << (n - 1).bit_length() if self.compiled else n
 
+    def empty_cache(self, B, S):
+        """An empty KV cache of B rows of S slots. A compiled engine keeps one per shape and empties it for the next
+        batch: its CUDA graph is recorded at the cache's addresses, and a new cache would make it record again
+        (gpt-fast allocates its caches once too, in setup_caches)."""
+        if not self.compiled:
+            return M.KVCache(self.model.cfg, B, S, self.dev, self.dtype)
+        if (B, S) not in self.caches:
+            self.caches[B, S] = M.KVCache(self.model.cfg, B, S, self.dev, self.dtype, static=True)
+        cache = self.caches[B, S]
+        cache.reset()
+        return cache
+
     @torch.no_grad()
     def answer(self, requests, on_token=None):
         """Requests -> one Result each, in order. on_token(i, token_id) is called for every token request i samples,
         as it comes (sample.py streams with it). Raises UserError for a bad mode and what data.load_image raises."""
         rows = [self.start(r) for r in requests]
-        cache = M.KVCache(self.model.cfg, len(rows), self.budget(rows), self.dev, self.dtype, static=self.compiled)
+        cache = self.empty_cache(len(rows), self.budget(rows))
         t0 = time.perf_counter()
         self.step(rows, cache)
         t1, steps = time.perf_counter(), 1
