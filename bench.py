@@ -160,9 +160,9 @@ def bench_vpt(answer_tokens=32, repeats=3):
 def bench_batch(model, tok, img_cfg, n_requests=16, answer_tokens=16, sizes=(1, 4, 8, 16), sweeps=1):
     """Evaluation throughput: n_requests region questions about different 224 px images, answered batch by batch
     (sample.py --eval --batch_size), records/s against batch 1, the share of time in prefill and in decode steps,
-    and whether the greedy answers are identical. Each of `sweeps` sweeps over the sizes is its own table: on a GPU
-    the first meets each shape for the first time, and the kernels chosen then (cuBLAS heuristics, cuDNN attention
-    plans) cost it about half its speed."""
+    and whether the greedy answers are identical. Each of `sweeps` sweeps over the sizes is its own table: on an
+    H200 the first, which meets each shape for the first time, ran batch 1 at about half the records/s of later
+    sweeps (first-use costs, presumably cuBLAS's heuristics and cuDNN's attention plans)."""
     rng = np.random.default_rng(1)
     reqs = [vpt.Request(Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)), f"Where is shape {i}?")
             for i in range(n_requests)]
@@ -195,10 +195,11 @@ def bench_batch(model, tok, img_cfg, n_requests=16, answer_tokens=16, sizes=(1, 
                 print(f"| {bs} | {rate[bs]:.2f} | {rate[bs] / rate[sizes[0]]:.2f}x | {share[bs][0]:.0%} / "
                       f"{share[bs][1]:.0%} | {answers[bs] == answers[sizes[0]]} |")
     if engine.dev.type == "cpu":
-        # prefill (the ViT and the prompt's and crops' tokens) is compute-bound on a CPU: a batch of 8 takes 8 times
-        # as long, so however cheap batched decode gets, batch 1's prefill share bounds the gain
-        print(f"batch {sizes[0]} spends {share[sizes[0]][0]:.0%} of its time in prefill steps, which a CPU runs no "
-              f"faster in a batch: batching can at most give {1 / share[sizes[0]][0]:.2f}x")
+        # prefill (the ViT and the prompt's and crops' tokens) is compute-bound on a CPU at the mid model's size: a
+        # batch of 8 takes 8 times as long, so however cheap batched decode gets, batch 1's prefill share bounds the
+        # gain (a tiny model's prefill is overhead-bound and gains a little from batching too)
+        print(f"batch {sizes[0]} spends {share[sizes[0]][0]:.0%} of its time in prefill steps: if a batch's prefill "
+              f"costs as much per record, batching gives at most {1 / share[sizes[0]][0]:.2f}x")
 
 
 def bench_sam_share(image, q, answer_tokens):
@@ -397,7 +398,8 @@ class Stamps:
 
     def put(self, t):
         if not self.prompt:
-            self.stamps.append((self.clock(), int(t)))
+            t = int(t)  # first: on a GPU this waits for the token
+            self.stamps.append((self.clock(), t))
         self.prompt = False
 
     def end(self):
@@ -431,7 +433,8 @@ def infer_once(impl, path):
 
         def decode(stamps):
             for t in M.generate(m, ids, None, pv, grid, max_new_tokens=INFER_NEW_TOKENS):
-                stamps.append((time.process_time(), int(t)))
+                t = int(t)
+                stamps.append((time.process_time(), t))
     else:
         from transformers import Qwen2VLForConditionalGeneration
         m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
@@ -501,7 +504,7 @@ def bench_infer():
 
 def mean_time(f, repeats, device):
     """Mean seconds of `repeats` calls of f after one warm-up call, the device synchronised before and after."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     f()
     sync()
     t0 = time.perf_counter()
@@ -574,7 +577,8 @@ def gpu_decode(cfg, vcfg, tok, tokens, device, new_tokens, bandwidth, runs=2):
 
     def ours_decode(stamps):
         for t in M.generate(ours, ids, None, pv, grid, max_new_tokens=new_tokens):
-            stamps.append((clock(), int(t)))
+            t = int(t)  # first: on a GPU this waits for the token
+            stamps.append((clock(), t))
 
     def same(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -585,7 +589,8 @@ def gpu_decode(cfg, vcfg, tok, tokens, device, new_tokens, bandwidth, runs=2):
         r, our_ids = best(ours_decode)
         row("nanoVPT model.generate, eager", r)
     del ours, hf
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     with torch.device(device):
         model = vpt.VPT(cfg, vcfg, tokens).to(dtype).eval()
@@ -609,8 +614,15 @@ def gpu_decode(cfg, vcfg, tok, tokens, device, new_tokens, bandwidth, runs=2):
     with torch.no_grad():  # as in the engine: grad mode is part of what the compiled step was specialised for
         row("  its decode step alone (replayed)", 1 / mean_time(replay, 50, device))
     print(f"greedy tokens, bf16: transformers and model.generate agree on the first {same(hf_ids, our_ids)} of "
-          f"{len(hf_ids)}, the eager and compiled engine on {same(*answers)} of {len(answers[0])}; the compiled "
-          f"engine's {runs + 1} answers took {warm:.0f} s with its compile")
+          f"{len(hf_ids)}, the eager and compiled engine on {same(*answers)} of {len(answers[0])}; the engine's chat "
+          f"prompt is {engine.start(request[0]).prompt_len} tokens; the compiled engine's {runs + 1} answers took "
+          f"{warm:.0f} s with its compile")
+    if device.type == "cuda":  # where the compiled step's time goes: its kernels over 20 replays
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                replay()
+            torch.cuda.synchronize(device)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
     bench_batch(model, tok, data.ImageConfig(), sizes=(1, 4, 16), sweeps=2)
 
 
@@ -659,8 +671,9 @@ def gpu_train(cfg, vcfg, batches, device, steps, matmul_rate):
           f"batch {plain['input_ids'].size(0)}, fp32 weights, bf16 autocast, fused AdamW; mean of {steps} steps "
           f"after two warm-ups. MFU: batch_flops over {train.PEAK_FLOPS / 1e12:.0f} TFLOP/s (datasheet) and over "
           f"{matmul_rate / 1e12:.0f} (this device's 8192^3 bf16 matmul)")
-    print("| side | tokens (supervised) | tokens/s | vs transformers | MFU | MFU at measured peak | peak memory | "
-          "first loss |\n|---|---|---|---|---|---|---|---|")
+    print("| side | tokens (supervised) | tokens/s | vs transformers | MFU | MFU at measured peak | peak memory "
+          "(train.py's plan) | first loss |\n|---|---|---|---|---|---|---|---|")
+    act_bytes = 2 if device.type == "cuda" else 4  # the activations' dtype under autocast, as train.py plans
     tps = {}
     with torch.device("meta"):  # transformers' model does the same work as ours: counted on ours, without weights
         ref = M.Qwen2VL(cfg)
@@ -679,10 +692,16 @@ def gpu_train(cfg, vcfg, batches, device, steps, matmul_rate):
         T, sup = int(b["padding_mask"].sum()), int((b["targets"] != data.IGNORE_INDEX).sum())
         tps[name] = T / t
         mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "-"
-        print(f"| {name} | {T} ({sup}) | {tps[name]:,.0f} | {tps[name] / tps['transformers Qwen2-VL, eager']:.2f}x | {flops / t / train.PEAK_FLOPS:.1%} | "
+        if name.startswith("nanoVPT"):
+            plan = train.memory_plan(m, *b["input_ids"].shape, sup, act_bytes)
+            mem += f" ({sum(plan.values()) / 2**30:.1f} GiB)"
+        # the one-pass step's samples carry the control turn: its tokens/s is not comparable to the others'
+        ratio = f"{tps[name] / tps['transformers Qwen2-VL, eager']:.2f}x" if kind == "plain" else "-"
+        print(f"| {name} | {T} ({sup}) | {tps[name]:,.0f} | {ratio} | {flops / t / train.PEAK_FLOPS:.1%} | "
               f"{flops / t / matmul_rate:.1%} | {mem} | {losses[0]:.4f} |")
         del m, step
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(f"nanoVPT Qwen2-VL / transformers tokens/s: "
           f"{tps['nanoVPT Qwen2-VL, compiled'] / tps['transformers Qwen2-VL, eager']:.2f}x")
 
