@@ -305,6 +305,28 @@ def to_transformers(model, hf):
     hf.load_state_dict(sd, strict=True)
 
 
+def hf_inputs(ids, pixel_values, image_grid_thw, cfg, padding_mask=None):
+    """Our batch tensors as transformers' Qwen2VLForConditionalGeneration takes them (its M-RoPE index needs
+    mm_token_type_ids)."""
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids) if padding_mask is None else padding_mask,
+                pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                mm_token_type_ids=(ids == cfg.image_token_id).int())
+
+
+def hf_train_batch(b, cfg):
+    """A collated training batch for transformers: its labels unshifted (it shifts them itself)."""
+    labels = torch.cat([torch.full_like(b["targets"][:, :1], data.IGNORE_INDEX), b["targets"][:, :-1]], 1)
+    return dict(hf_inputs(b["input_ids"], b["pixel_values"], b["image_grid_thw"], cfg, b["padding_mask"]),
+                labels=labels)
+
+
+def freeze_hf_vision(m):
+    """transformers' model trains as ours in the finetune stage: everything but the ViT."""
+    for n, p in m.named_parameters():
+        p.requires_grad = not n.startswith("model.visual.")
+    return m
+
+
 def bench_train(steps=3):
     """Training steps of the 2B widths (vocabulary 151,936, LLM 1536 wide, ViT 1280, DINOv2-L 1024) at TRAIN_DEPTH
     layers, the ViT (and DINOv2) frozen as in the authors' stage 2, fp32 on the CPU, one sample: nanoVPT's Qwen2-VL
@@ -332,13 +354,9 @@ def bench_train(steps=3):
     train.set_trainable(ours, stage)
     hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf()))
     to_transformers(ours, hf)  # the same weights, so the first losses must agree
-    for n, p in hf.named_parameters():
-        p.requires_grad = not n.startswith("model.visual.")
+    freeze_hf_vision(hf)
     b = batches["plain"]
-    labels = torch.cat([torch.full_like(b["targets"][:, :1], data.IGNORE_INDEX), b["targets"][:, :-1]], 1)  # unshifted
-    hf_batch = dict(input_ids=b["input_ids"], attention_mask=b["padding_mask"], pixel_values=b["pixel_values"],
-                    image_grid_thw=b["image_grid_thw"], mm_token_type_ids=(b["input_ids"] == cfg.image_token_id).int(),
-                    labels=labels)
+    hf_batch = hf_train_batch(b, cfg)
     flops = train.batch_flops(ours, b)  # the same model FLOPs for both sides
     timed = time_steps({"nanoVPT Qwen2-VL": (trainer(ours, lambda m, b: m(b, b["targets"])[1]), b),
                         "transformers Qwen2-VL": (trainer(hf, lambda m, b: m(**b).loss), hf_batch)}, steps)
@@ -438,8 +456,7 @@ def infer_once(impl, path):
     else:
         from transformers import Qwen2VLForConditionalGeneration
         m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
-                  mm_token_type_ids=(ids == cfg.image_token_id).int())
+        kw = hf_inputs(ids, pv, grid, cfg)
 
         def vit():
             m.model.visual(pv, grid)
@@ -554,8 +571,7 @@ def gpu_decode(cfg, vcfg, tok, tokens, device, new_tokens, bandwidth, runs=2):
         ours = M.Qwen2VL(cfg).to(dtype).eval()
         hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf())).to(dtype).eval()
     to_transformers(ours, hf)
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
-              mm_token_type_ids=(ids == cfg.image_token_id).int())
+    kw = hf_inputs(ids, pv, grid, cfg)
     need = decode_bytes(ours, ids.size(1) + new_tokens // 2)  # at the answer's mean cache length
     roof = bandwidth / need
     print(f"\ndecode at batch 1, {cfg.num_hidden_layers} LLM layers x {cfg.hidden_size} wide, bf16, "
@@ -636,10 +652,7 @@ def gpu_train(cfg, vcfg, batches, device, steps, matmul_rate):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     stage = train.parse_config(["--stage=finetune"])
     plain = batches["plain"]
-    labels = torch.cat([torch.full_like(plain["targets"][:, :1], data.IGNORE_INDEX), plain["targets"][:, :-1]], 1)
-    hf_batch = dict(input_ids=plain["input_ids"], attention_mask=plain["padding_mask"],
-                    pixel_values=plain["pixel_values"], image_grid_thw=plain["image_grid_thw"],
-                    mm_token_type_ids=(plain["input_ids"] == cfg.image_token_id).int(), labels=labels)
+    hf_batch = hf_train_batch(plain, cfg)
 
     def ours(build):
         def make():
@@ -651,10 +664,7 @@ def gpu_train(cfg, vcfg, batches, device, steps, matmul_rate):
         return make
 
     def hf():
-        m = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf()))
-        for n, p in m.named_parameters():
-            p.requires_grad = not n.startswith("model.visual.")
-        return m
+        return freeze_hf_vision(Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf())))
 
     def autocast(forward):
         def run(m, b):
