@@ -343,7 +343,8 @@ class KVCache:
     overwritten later and never seen). A left-padded batch (generate) keeps all rows equal.
     static=True returns the whole buffer from update, so a decode step has the same shapes at every length (what
     CUDA graphs need; the mask must then hide the unfilled slots, as gpt-fast's and transformers' StaticCache do);
-    otherwise update returns slots [0, pos + T), with pos the longest row."""
+    otherwise update returns slots [0, pos + T), with pos the longest row. Every tensor here keeps its address for
+    the cache's life (lens is updated in place), so a CUDA graph captured over a step can read and write them."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, static=False):
         # one tensor per layer: a compiled step that wrote into a view of one tensor of all layers copied all of it
@@ -352,9 +353,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_len, self.static = max_len, static
-        if static:  # a CUDA graph may write these in place only at a fixed address (transformers' StaticCache too)
-            for t in self.k + self.v:
-                torch._dynamo.mark_static_address(t)
         self.lengths = [0] * batch_size  # host copy: no device sync to size a slice or a mask
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) the same, for indexing
         self.pos = 0  # the longest row
@@ -390,7 +388,8 @@ class KVCache:
 
     def reset(self):
         """Empties every row; the old keys and values stay, hidden by the mask until they are overwritten."""
-        self.lengths, self.lens = [0] * len(self.lengths), torch.zeros_like(self.lens)
+        self.lengths = [0] * len(self.lengths)
+        self.lens.zero_()
         self.pos, self.uniform = 0, True
 
     def advance(self, n):
@@ -398,7 +397,7 @@ class KVCache:
         n = [n] * len(self.lengths) if isinstance(n, int) else n
         self.lengths = [a + b for a, b in zip(self.lengths, n)]
         assert max(self.lengths) <= self.max_len, f"KV cache full: {max(self.lengths)} > {self.max_len}"
-        self.lens = torch.tensor(self.lengths, device=self.lens.device)
+        self.lens.copy_(torch.tensor(self.lengths))  # in place: a row's view shares it, a CUDA graph reads it
         self.pos = max(self.lengths)
         self.uniform = len(set(self.lengths)) == 1
         if self.parent:
@@ -451,7 +450,8 @@ class Attention(nn.Module):
                 y = s.softmax(-1).to(v.dtype) @ v
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            y = y.view(B, self.nh, 1, self.hs)  # (B, nh, 1, hs)
+            # reshape: CUDA's SDPA kernels may return the (nh/nkv) queries of a head outermost in memory
+            y = y.reshape(B, self.nh, 1, self.hs)  # (B, nh, 1, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
