@@ -622,11 +622,10 @@ def gpu_decode(cfg, vcfg, tok, tokens, device, new_tokens, bandwidth, runs=2):
         answers.append(got)
         row(f"nanoVPT Engine, {'compiled' if compiled else 'eager'}", r)
     warm = clock() - t0  # the compiled engine's answers, the first of which compiles
-    ids_, pos, mask, cache = seen[-1]
+    ids_, pos, cache = seen[-1]
 
     def replay():
-        torch.compiler.cudagraph_mark_step_begin()
-        step(ids_, pos, mask, cache)
+        step(ids_, pos, cache)
     with torch.no_grad():  # as in the engine: grad mode is part of what the compiled step was specialised for
         row("  its decode step alone (replayed)", 1 / mean_time(replay, 50, device))
     print(f"greedy tokens, bf16: transformers and model.generate agree on the first {same(hf_ids, our_ids)} of "

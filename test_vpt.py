@@ -1103,17 +1103,21 @@ def test_engine_prompt_with_image_is_verbatim(vpt_dir):
     assert res.transcript[:res.prompt_len] == want
 
 
-def test_engine_compiled_decode_gives_the_same_tokens(vpt_dir):
-    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir))
-    reqs = six_requests(vpt_dir)[:3]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA graph of the compiled step needs a GPU"))])
+def test_engine_compiled_decode_gives_the_same_tokens(vpt_dir, device):
+    model, tok, img_cfg = vpt.from_pretrained(str(vpt_dir), device=device)
+    reqs = six_requests(vpt_dir)[:3] if device == "cpu" else six_requests(vpt_dir)
     eager = vpt.Engine(model, tok, img_cfg, max_new_tokens=10).answer(reqs)
     torch._dynamo.reset()
     engine = vpt.Engine(model, tok, img_cfg, max_new_tokens=10, compile=True)
     compiled = engine.answer(reqs)
     assert [r.ids for r in compiled] == [r.ids for r in eager]
-    # the next batch of the same shape reuses the emptied cache (a CUDA graph is recorded at its addresses)
+    # the next batch of the same shape reuses the emptied cache (a CUDA graph is captured at its addresses)
     again = engine.answer(reqs[::-1])
     assert [r.ids for r in again] == [r.ids for r in eager[::-1]] and len(engine.caches) == 1
+    if device == "cuda":  # one graph, replayed for both batches
+        assert len(engine.decode_step.graphs) == 1
 
 
 def test_free_sampling_never_emits_an_invalid_group(vpt_dir):
