@@ -828,23 +828,27 @@ class CUDAGraphStep:
     def __call__(self, ids, pos, cache):
         """(B, 1) ids, (3, B, 1) positions -> copies of the step's ((B, V) logits, (B, C) hidden states)."""
         key = (ids.size(0), id(cache))  # the engine keeps its caches (Engine.empty_cache), so ids are not reused
-        if key not in self.graphs:
-            inputs = ids.clone(), pos.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles, and lets cuBLAS and the allocator settle before the capture;
-                for _ in range(2):  # it writes the keys the replay below writes again
-                    self.step(*inputs, cache)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = self.step(*inputs, cache)
-            self.graphs[key] = graph, inputs, outputs
-        graph, (ids_in, pos_in), outputs = self.graphs[key]
-        ids_in.copy_(ids)
-        pos_in.copy_(pos)
-        graph.replay()
-        return tuple(t.clone() for t in outputs)  # the next replay rewrites the graph's outputs in place
+        with torch.cuda.device(ids.device):  # streams, capture and replay on the model's GPU, not the current one
+            if key not in self.graphs:
+                self.graphs[key] = self.capture(ids, pos, cache)
+            graph, (ids_in, pos_in), outputs = self.graphs[key]
+            ids_in.copy_(ids)
+            pos_in.copy_(pos)
+            graph.replay()
+            return tuple(t.clone() for t in outputs)  # the next replay rewrites the graph's outputs in place
+
+    def capture(self, ids, pos, cache):
+        inputs = ids.clone(), pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compiles, and lets cuBLAS and the allocator settle before the capture; it
+            for _ in range(2):  # writes the keys the replay below writes again
+                self.step(*inputs, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.step(*inputs, cache)
+        return graph, inputs, outputs
 
 
 def answer(model, tok, img_cfg, image, question, **kw):
