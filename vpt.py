@@ -827,7 +827,7 @@ class CUDAGraphStep:
 
     def __call__(self, ids, pos, cache):
         """(B, 1) ids, (3, B, 1) positions -> copies of the step's ((B, V) logits, (B, C) hidden states)."""
-        key = (ids.size(0), id(cache))  # the engine keeps its caches (Engine.empty_cache), so ids are not reused
+        key = (ids.size(0), cache)  # by identity; the entry keeps the cache alive, whose tensors the graph writes
         with torch.cuda.device(ids.device):  # streams, capture and replay on the model's GPU, not the current one
             if key not in self.graphs:
                 self.graphs[key] = self.capture(ids, pos, cache)
