@@ -344,7 +344,9 @@ class KVCache:
     static=True returns the whole buffer from update, so a decode step has the same shapes at every length (what
     CUDA graphs need; the mask must then hide the unfilled slots, as gpt-fast's and transformers' StaticCache do);
     otherwise update returns slots [0, pos + T), with pos the longest row. Every tensor here keeps its address for
-    the cache's life (lens is updated in place), so a CUDA graph captured over a step can read and write them."""
+    the cache's life (lens is updated in place), so a CUDA graph captured over a step can read and write them; for
+    the same reason it is for inference: a backward through a scatter write would find lens changed (training keeps
+    its keys in vpt.GradCache)."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, static=False):
         # one tensor per layer: a compiled step that wrote into a view of one tensor of all layers copied all of it
