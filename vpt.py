@@ -817,8 +817,8 @@ class CUDAGraphStep:
     """A compiled decode step replayed as a CUDA graph, one per (batch size, cache): ids and pos are copied into the
     graph's own input tensors; the cache's tensors keep their addresses (KVCache), so the graph writes the new keys
     in place and reads the lengths as they are at replay. One replay is one launch from the host, where
-    torch.compile's mode="reduce-overhead" spent ~0.6 ms a step on guards and its graph tree's bookkeeping (2B on an
-    H200: 3.31 ms a step with its token read back, against 2.88), and the engine waits for every token. The manual
+    torch.compile's mode="reduce-overhead" spent ~0.4 ms more a step on guards and its graph tree's bookkeeping (2B
+    on an H200: 3.31 ms a step with its token read back, against 2.88), and the engine waits for every token. The manual
     capture follows torch.cuda.graphs' documentation (warm-up on a side stream, then capture), as vLLM and SGLang
     capture their decode steps."""
 
