@@ -463,12 +463,14 @@ class Attention(nn.Module):
                 y = s.softmax(-1).to(v.dtype) @ v
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            # reshape: CUDA's SDPA kernels may return the (nh/nkv) queries of a head outermost in memory
-            y = y.reshape(B, self.nh, 1, self.hs)  # (B, nh, 1, hs)
+            # head h is (h // (nh/nkv), h % (nh/nkv)), so the heads are already in order; reshape, not view: CUDA's
+            # SDPA kernels may return the (nh/nkv) queries of a head outermost in memory
+            y = y.reshape(B, 1, C)  # (B, 1, nh * hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.nkv != self.nh)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+            y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
