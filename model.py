@@ -166,7 +166,7 @@ def apply_rope(x, cos, sin):
     here as a roll times the signed sin (the same floats; 2 ops fewer, half the time of a small decode step's
     rotation). Computed in the tables' dtype, then cast back to x's: fp32 tables give the ViT's fp32 rotation
     (apply_rotary_pos_emb_vision), tables cast to the activations' dtype the LLM's (apply_rotary_pos_emb)."""
-    same = x.dtype == cos.dtype  # the LLM's case: no casts (a cast to x's own dtype still costs ~1 us on a CPU thread)
+    same = x.dtype == cos.dtype  # the LLM outside autocast: no casts (a no-op cast still costs ~1 us on a CPU thread)
     xr = x if same else x.to(cos.dtype)
     y = xr * cos + xr.roll(x.size(-1) // 2, dims=-1) * sin
     return y if same else y.to(x.dtype)

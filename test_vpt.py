@@ -261,6 +261,23 @@ def test_logits_and_positions_match_transformers(tied_dir, case):
     assert diff <= LOGIT_TOL, f"{case}: logits differ by {diff}"
 
 
+def test_vit_matches_transformers_with_and_without_autograd(tied_dir):
+    # without gradient VisionMlp runs QuickGELU in place: the same floats as the autograd path, which keeps its
+    # inputs for the backward; both against transformers' visual tower (its merged tokens, pooler_output)
+    grid = torch.tensor([[1, 4, 8], [1, 6, 4]])
+    pv = random_pixels(grid)
+    hf, ours = load_hf(tied_dir), M.from_pretrained(tied_dir)
+    with torch.no_grad():
+        ref = hf.model.visual(pv, grid).pooler_output  # (14, 64)
+        inference = ours.visual(pv, grid)
+    training = ours.visual(pv, grid)
+    assert training.requires_grad and not inference.requires_grad
+    diff = (inference - ref).abs().max().item()
+    print(f"ViT tokens: max abs diff {diff:.1e} against transformers (values up to {ref.abs().max():.2f})")
+    assert torch.equal(inference, training.detach())
+    assert diff <= 1e-5
+
+
 def test_rope_index_reference_example():
     # Qwen2VLModel.get_rope_index (transformers 5.23) worked by hand: 15 text tokens, a 1x4x8 image (2x4 tokens),
     # 13 text tokens
