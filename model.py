@@ -165,7 +165,9 @@ def apply_rope(x, cos, sin):
     """x rotated by cos_sin's tables: transformers' x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1),
     here as a roll times the signed sin (the same floats; 2 ops fewer, half the time of a small decode step's
     rotation). Computed in the tables' dtype, then cast back to x's: fp32 tables give the ViT's fp32 rotation
-    (apply_rotary_pos_emb_vision), tables cast to the activations' dtype the LLM's (apply_rotary_pos_emb)."""
+    (apply_rotary_pos_emb_vision); the LLM's come in its residual stream's dtype (Qwen2.forward), so bf16 weights
+    rotate in bf16, and under bf16 autocast (fp32 stream) bf16 q and k rotate in fp32 and are cast back, the numbers
+    transformers' type promotion gives (apply_rotary_pos_emb)."""
     same = x.dtype == cos.dtype  # the LLM outside autocast: no casts (a no-op cast still costs ~1 us on a CPU thread)
     xr = x if same else x.to(cos.dtype)
     y = xr * cos + xr.roll(x.size(-1) // 2, dims=-1) * sin
@@ -509,8 +511,8 @@ class Qwen2(nn.Module):
         self.checkpointing = False  # activation checkpointing per layer, set by train.py
 
     def rope(self, position_ids):
-        """M-RoPE position ids (3, B, T) -> their rotary tables (cos, sin), each (B, 1, T, hs) float32; the tables of
-        positions [a, b) are the slice [:, :, a:b]."""
+        """M-RoPE position ids (3, B, T) -> their rotary tables (cos, sin), each (B, 1, T, hs) float32; those of
+        tokens a..b-1 alone are the slice [:, :, a:b]."""
         cfg = self.cfg
         return mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
@@ -698,8 +700,10 @@ def generate(model, input_ids, padding_mask=None, pixel_values=None, image_grid_
     logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed to sample
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
-    # every step's rotary tables from one call, not a step's ~8 small ops each time (gpt-fast's freqs_cis table)
-    cos, sin = model.model.rope(decode_positions(padding_mask, rope_delta, max_new_tokens))  # 2 x (B, 1, N, hs)
+    # every step's rotary tables from one call, in the activations' dtype, not a step's ~8 small ops each time
+    # (gpt-fast's freqs_cis table)
+    tables = model.model.rope(decode_positions(padding_mask, rope_delta, max_new_tokens))  # 2 x (B, 1, N, hs)
+    cos, sin = (t.to(model.model.embed_tokens.weight.dtype) for t in tables)
     rope = list(zip(cos.split(1, dim=2), sin.split(1, dim=2)))  # step n's: 2 x (B, 1, 1, hs) views
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)

@@ -278,6 +278,33 @@ def test_vit_matches_transformers_with_and_without_autograd(tied_dir):
     assert diff <= 1e-5
 
 
+def test_llm_in_bf16_and_its_rotation_under_autocast_match_transformers(tied_dir):
+    # training's bf16 autocast keeps fp32 weights: the residual stream, and so the rotary tables, stay fp32 while q
+    # and k come out of their projections in bf16. transformers' q * cos then promotes to fp32 and its SDPA casts
+    # back to bf16; apply_rope rotates in the tables' fp32 and casts back: the same bf16 numbers
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+    rows, grid = CASES["one image"]
+    ids, mask = batch(rows)
+    grid = torch.tensor(grid)
+    pos, _ = M.get_rope_index(ids, grid, mask, IMG)
+    hf, ours = load_hf(tied_dir), M.from_pretrained(tied_dir)
+    q = torch.randn(1, 4, ids.size(1), 16, generator=torch.Generator().manual_seed(0)).bfloat16()  # (B, nh, T, hs)
+    cos, sin = hf.model.language_model.rotary_emb(torch.zeros(1, ids.size(1), 64), pos)  # fp32 stream -> fp32 tables
+    ref = apply_rotary_pos_emb(q, q, cos, sin)[0]
+    assert ref.dtype == torch.float32
+    assert torch.equal(M.apply_rope(q, *ours.model.rope(pos)), ref.bfloat16())
+    # bf16 weights (inference on a GPU): the tables are cast once to the activations' bf16, as transformers' are
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(tied_dir, dtype=torch.bfloat16,
+                                                         attn_implementation="eager").eval()
+    ours = M.from_pretrained(tied_dir, dtype=torch.bfloat16)
+    pv = random_pixels(grid)
+    ref, got = hf_logits(hf, ids, mask, pv, grid), ours_logits(ours, ids, mask, pv, grid)
+    assert got.dtype == torch.bfloat16
+    diff = (ref.float() - got.float()).abs().max().item()
+    print(f"bf16 logits: max abs diff {diff:.1e} (values up to {ref.abs().max():.2f}; bf16 keeps 8 bits)")
+    assert diff <= 2e-2
+
+
 def test_rope_index_reference_example():
     # Qwen2VLModel.get_rope_index (transformers 5.23) worked by hand: 15 text tokens, a 1x4x8 image (2x4 tokens),
     # 13 text tokens
@@ -310,7 +337,10 @@ def test_kv_cache_decode_equals_full_forward(untied_dir):
     ids, mask = batch(rows)
     grid = torch.tensor(grid)
     pv = random_pixels(grid)
+    seen = []  # generate's own logits: its prefill's and its 5 steps'
+    hook = ours.lm_head.register_forward_hook(lambda module, args, out: seen.append(out))
     new = list(M.generate(ours, ids, mask, pv, grid, max_new_tokens=6))
+    hook.remove()
     full = torch.cat([ids, torch.stack(new[:-1], dim=1)], dim=1)  # prompt + the 5 tokens fed back
     full_mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], dim=1)
     # the no-cache path: positions of the decoded tokens follow the rope delta (the decode branch of
@@ -329,8 +359,12 @@ def test_kv_cache_decode_equals_full_forward(untied_dir):
             cache.advance(1)
         got = ours.lm_head(torch.stack(steps, dim=1))
     diff = (got - ref).abs().max().item()
-    print(f"KV-cache vs no-cache logits: {diff:.2e}")
+    # generate hands each step its slice of tables made once: a wrong slice moves these logits by ~3e-3 while
+    # the random model's greedy tokens stay the same
+    gen = (torch.stack(seen, dim=1) - ref).abs().max().item()
+    print(f"KV-cache vs no-cache logits: {diff:.2e}; generate's: {gen:.2e}")
     assert diff <= 1e-5, f"cached decode differs from the full forward by {diff}"
+    assert gen <= 1e-5, f"generate's logits differ from the full forward by {gen}"
 
 
 def flat_hub_config(nested):
@@ -1147,10 +1181,15 @@ def test_kv_cache_tensors_keep_their_addresses():
     cache = M.KVCache(cfg, 3, 16, "cpu", torch.float32, static=True)
     addresses = lambda: [t.data_ptr() for t in [cache.lens, *cache.k, *cache.v]]
     before = addresses()
-    cache.advance(4)
-    cache.row(1).advance(5)
-    cache.advance([1, 0, 2])
-    assert cache.lens.tolist() == cache.lengths == [5, 9, 6] and addresses() == before
+    lengths = lambda: (cache.lens.tolist(), cache.lengths)  # the device copy and the host's
+    cache.advance(4)  # an int: one in-place add
+    assert lengths() == ([4, 4, 4], [4, 4, 4])
+    cache.row(1).advance(5)  # a row's view adds to its row in place, then the parent copies its lengths in
+    assert lengths() == ([4, 9, 4], [4, 9, 4])
+    cache.advance([1, 0, 2])  # a list: copied in
+    assert lengths() == ([5, 9, 6], [5, 9, 6])
+    cache.advance(3)  # an int again, on rows of different lengths
+    assert lengths() == ([8, 12, 9], [8, 12, 9]) and addresses() == before
     cache.reset()
     assert cache.lens.tolist() == [0, 0, 0] and addresses() == before
 
