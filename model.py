@@ -8,6 +8,7 @@ is a near-identity copy. Each block mirrors the transformers 5.23 class or funct
 Shape legend: B batch, T new tokens, S keys (cached + new), C LLM width, nh / nkv query / key-value heads,
 hs head size, Np image patches (rows of pixel_values), D vision width, V vocabulary.
 """
+import contextlib
 import copy
 import functools
 import hashlib
@@ -855,10 +856,25 @@ def load_state_dict_strict(model, sd, dtype, device):
         setattr(model.get_submodule(mod_name), p_name, nn.Parameter(t, requires_grad=p.requires_grad))
 
 
+@contextlib.contextmanager
+def no_init():
+    """torch.nn.init's initialisers as no-ops, as transformers' no_init_weights makes them: for a model built on the
+    meta device and then filled from a checkpoint there is nothing to initialise, and the first random initialiser
+    run on a meta tensor imports torch._dynamo (1.1 s of the 3.0 s that `python sample.py` took)."""
+    saved = {name: f for name, f in vars(nn.init).items() if name.endswith("_") and not name.startswith("_")}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, f in saved.items():
+            setattr(nn.init, name, f)
+
+
 def build_loaded(make, sd, dtype, device):
-    """make() builds a Qwen2VL (or subclass) on the meta device, the state dict fills it strictly, and a tied
-    lm_head is tied again (loading replaced the embedding Parameter it shared)."""
-    with torch.device("meta"):
+    """make() builds a Qwen2VL (or subclass) on the meta device without initialising it, the state dict fills it
+    strictly, and a tied lm_head is tied again (loading replaced the embedding Parameter it shared)."""
+    with torch.device("meta"), no_init():
         model = make()
     load_state_dict_strict(model, sd, dtype, device)
     if model.cfg.tie_word_embeddings:

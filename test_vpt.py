@@ -420,6 +420,23 @@ def test_strict_loading_names_the_bad_key(tmp_path, untied_dir):
             M.from_pretrained(str(d))
 
 
+def test_loading_runs_no_initialiser_and_restores_them(untied_dir, monkeypatch):
+    # a model filled from a checkpoint is built without initialising its meta tensors (model.no_init); torch's
+    # initialisers are back afterwards, also when building fails
+    init, calls = torch.nn.init, []
+    for name in ("normal_", "kaiming_uniform_", "uniform_"):
+        f = getattr(init, name)
+        monkeypatch.setattr(init, name, lambda t, *a, f=f, name=name, **k: calls.append(name) or f(t, *a, **k))
+    originals = dict(vars(init))
+    M.from_pretrained(untied_dir)
+    assert calls == [] and dict(vars(init)) == originals
+    with pytest.raises(ZeroDivisionError), M.no_init():
+        1 / 0
+    assert dict(vars(init)) == originals
+    torch.nn.Linear(2, 2)  # torch's own reset_parameters: the initialisers run again
+    assert calls == ["kaiming_uniform_", "uniform_"]
+
+
 def test_unreachable_hub_id_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="not a local directory"):
