@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import load_state_dict_strict, open_checkpoint, read_weights
+from model import load_state_dict_strict, no_init, open_checkpoint, read_weights
 
 # -----------------------------------------------------------------------------
 # DINOv2 (facebook/dinov2-*), frozen; mirrors transformers 5.23 models/dinov2/modeling_dinov2.py Dinov2Model
@@ -199,7 +199,7 @@ class Dinov2Model(nn.Module):
 def dino_from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     """DINOv2 from a facebook/dinov2-* directory or Hub id (config.json + model.safetensors, no key prefix)."""
     path, d = open_checkpoint(path_or_id)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():  # filled from the checkpoint: nothing to initialise
         model = Dinov2Model(DinoConfig.from_hf(d))
     load_state_dict_strict(model, read_weights(path), dtype, device)
     return model.eval()
@@ -410,7 +410,7 @@ def sam_vision_weights(sd: dict) -> dict:
 def sam_from_pretrained(path_or_id, dtype=torch.float32, device="cpu"):
     """SAM's image encoder from a facebook/sam-vit-* directory or Hub id (config.json + model.safetensors)."""
     path, d = open_checkpoint(path_or_id)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():  # filled from the checkpoint: nothing to initialise
         model = SamVisionEncoder(SamConfig.from_hf(d))
     load_state_dict_strict(model, sam_vision_weights(read_weights(path)), dtype, device)
     return model.eval()
